@@ -1,0 +1,154 @@
+"""Lazy registry: architecture name -> spec -> module, imported only when used.
+
+Adding an architecture = its module in this package + its search space in
+`archlab/search_spaces/<name>.py` + one line in `_SPECS` below. Nothing here imports
+torch at module import time, and an architecture whose optional dependency is missing
+never breaks the others (its module imports that dependency only inside its fast path).
+
+Module contract (every `architectures/<name>.py`):
+- `Config`: a dataclass with plain fields (numbers, strings, bools, lists); it must
+  round-trip through JSON (`dataclasses.asdict` -> json -> `Config(**d)`).
+- `FLAVORS: dict[str, Config]` with at least `debug` (tiny, CPU, seconds).
+- `build(config, d_input) -> nn.Module`: the causal backbone. It maps
+  [B, T, d_input] -> [B, T, module.d_model] (set `self.d_model`), output t depends only
+  on inputs <= t. Optional `step(x_t, state) -> (y_t, state)` / `init_state(batch)` for
+  recurrent stepping.
+- optional `INPUT_PROJECTION = False`: the vector input goes straight into the backbone
+  (the seed LSTM) instead of through Linear(d_in -> d_model).
+- optional `build_head(config, d_model, d_out) -> nn.Module`: replaces the default
+  Linear(d_model -> d_out) vector head (e.g. the seed Transformer's MLP head).
+- optional `build_vector_model(config, d_in, d_out) -> nn.Module`: the whole vector model
+  for architectures that are not backbone + head (AMN); it returns [B, T, d_out].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+TASKS = ("vector", "token")
+
+
+class UnknownArchitectureError(KeyError):
+    """Raised for an architecture name that is not in the registry."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0])
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    name: str
+    module: str
+    tasks: tuple[str, ...]
+    summary: str
+    # kernel paths this architecture can use (see archlab.kernels.available_paths)
+    kernels: tuple[str, ...] = ()
+
+
+def _s(name: str, tasks: tuple[str, ...], summary: str, kernels: tuple[str, ...] = ()) -> ArchSpec:
+    return ArchSpec(name, f"archlab.architectures.{name}", tasks, summary, kernels)
+
+
+BOTH = TASKS
+_SPECS: dict[str, ArchSpec] = {
+    s.name: s
+    for s in [
+        # Zoo I: the seed recipes
+        _s("lstm", BOTH, "stacked LSTM, input fed directly (seed recipe)"),
+        _s("gru_stack", BOTH, "residual GRU blocks with LayerNorm (seed recipe)"),
+        _s("transformer", BOTH, "causal Transformer encoder, sinusoidal positions (seed recipe)"),
+        _s("amn", ("vector",), "attention mixture over the linear-average baseline (seed recipe)"),
+        # Zoo II: state-space, linear-attention and modern recurrent
+        _s("mamba2", BOTH, "Mamba-2 (SSD, chunked)", ("ssd",)),
+        _s("s4d", BOTH, "diagonal S4, HiPPO-LegS init", ("scan",)),
+        _s("s4", BOTH, "S4 (DPLR kernel)"),
+        _s("hyena", BOTH, "Hyena implicit long convolution + gating"),
+        _s("retnet", BOTH, "multi-scale retention", ("retention",)),
+        _s("rwkv", BOTH, "RWKV-6 time-mix + channel-mix"),
+        _s("linformer", BOTH, "causal low-rank attention"),
+        _s("performer", BOTH, "causal FAVOR+ attention"),
+        _s("gpt2", BOTH, "GPT-2 blocks with learned positions"),
+        _s("min_gru", BOTH, "minGRU (parallel scan)", ("scan",)),
+        _s("min_lstm", BOTH, "minLSTM (parallel scan)", ("scan",)),
+        _s("indrnn", BOTH, "independently recurrent neurons", ("scan",)),
+        _s("qrnn", BOTH, "quasi-recurrent network (fo-pooling)", ("scan",)),
+        _s("hawk", BOTH, "Hawk: RG-LRU recurrent blocks", ("scan",)),
+        _s("griffin", BOTH, "Griffin: RG-LRU + local attention", ("scan",)),
+        _s("elman", BOTH, "Elman ablation ladder (gating, spectral norm, log-space)", ("scan",)),
+    ]
+}
+
+
+def list_specs() -> list[ArchSpec]:
+    return list(_SPECS.values())
+
+
+def get_spec(name: str) -> ArchSpec:
+    try:
+        return _SPECS[name]
+    except KeyError:
+        known = ", ".join(sorted(_SPECS))
+        raise UnknownArchitectureError(
+            f"unknown architecture {name!r}; known architectures: {known}"
+        ) from None
+
+
+def load_module(name: str):
+    return importlib.import_module(get_spec(name).module)
+
+
+def make_config(name: str, flavor: str = "debug", overrides: dict[str, Any] | None = None):
+    """The flavor's Config with `overrides` applied; unknown fields and flavors name themselves."""
+    mod = load_module(name)
+    if flavor not in mod.FLAVORS:
+        raise ValueError(
+            f"architecture {name!r} has no flavor {flavor!r}; flavors: {', '.join(mod.FLAVORS)}"
+        )
+    base = mod.FLAVORS[flavor]
+    overrides = dict(overrides or {})
+    fields = {f.name: f for f in dataclasses.fields(base)}
+    for key, value in overrides.items():
+        if key not in fields:
+            raise ValueError(
+                f"model.{key}: {name!r} has no such config field; fields: {', '.join(fields)}"
+            )
+    cfg = dataclasses.replace(base, **overrides)
+    # Configs are data: refuse anything that would not survive JSON (Tune, Optuna, MLflow).
+    try:
+        json.dumps(dataclasses.asdict(cfg))
+    except TypeError as e:
+        raise ValueError(f"{name} config is not JSON-serialisable: {e}") from None
+    return cfg
+
+
+def build_model(
+    name: str,
+    task: str,
+    config,
+    *,
+    d_in: int | None = None,
+    d_out: int | None = None,
+    vocab_size: int | None = None,
+):
+    """Backbone + task IO for `task` ("vector" or "token"); see archlab.architectures.io."""
+    spec = get_spec(name)
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, found {task!r}")
+    if task not in spec.tasks:
+        raise ValueError(
+            f"architecture {name!r} supports task(s) {', '.join(spec.tasks)}, not {task!r}"
+        )
+    from archlab.architectures import io
+
+    mod = load_module(name)
+    if task == "vector":
+        if d_in is None:
+            raise ValueError("vector task needs d_in")
+        return io.VectorModel(mod, config, d_in=d_in, d_out=d_out or d_in)
+    if vocab_size is None:
+        raise ValueError("token task needs vocab_size")
+    return io.TokenModel(mod, config, vocab_size=vocab_size)

@@ -1,0 +1,10 @@
+"""Fast paths beside plain-PyTorch references, one folder per op.
+
+Ops (each `kernels/<op>/` has `reference.py`, the source of truth, and fast paths):
+- `scan`: diagonal linear recurrence h_t = a_t * h_{t-1} + b_t   -> `linear_scan`
+- `ssd`: Mamba-2 chunked state-space duality                     -> `ssd`
+- `retention`: RetNet multi-scale retention                      -> `retention`
+
+Every public op takes `kernel="auto" | "reference" | "torch" | "triton" | "mamba_ssm" | "fla"`.
+Importing this package imports neither triton nor mamba-ssm nor fla.
+"""

@@ -1,0 +1,46 @@
+"""Per-architecture search spaces, as data.
+
+Each `search_spaces/<arch>.py` exports:
+- `SPACE`: the seeds' recommended ranges, used by full sweeps;
+- `SMOKE`: a small space over the `debug` flavor for smoke sweeps (seconds per trial).
+Keys are dotted config paths: `model.<Config field>` or `train.<TrainConfig field>`.
+Values are one of:
+    {"choices": [...]}                       categorical
+    {"low": x, "high": y, "log": bool}       float (log-uniform when log)
+    {"low": i, "high": j, "int": True}       integer
+Data, not code: a space round-trips through JSON and is logged with the sweep.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+
+def load_space(arch: str, smoke: bool = False) -> dict[str, dict[str, Any]]:
+    from archlab.architectures.registry import get_spec
+
+    get_spec(arch)  # unknown names list the known ones
+    mod = importlib.import_module(f"archlab.search_spaces.{arch}")
+    space = mod.SMOKE if smoke else mod.SPACE
+    for key, spec in space.items():
+        if not key.startswith(("model.", "train.")):
+            raise ValueError(f"search_spaces/{arch}.py: key {key!r} must start with 'model.' or 'train.'")
+        if not ("choices" in spec or ("low" in spec and "high" in spec)):
+            raise ValueError(f"search_spaces/{arch}.py: {key}: expected 'choices' or 'low'/'high', found {spec}")
+    return space
+
+
+def suggest(trial, arch: str, space: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Sample `space` on an Optuna trial. Parameter names are prefixed with the arch so
+    the conditional (define-by-run) space keeps one distribution per name."""
+    out: dict[str, Any] = {}
+    for key, spec in space.items():
+        name = f"{arch}.{key}"
+        if "choices" in spec:
+            out[key] = trial.suggest_categorical(name, list(spec["choices"]))
+        elif spec.get("int"):
+            out[key] = trial.suggest_int(name, int(spec["low"]), int(spec["high"]), log=bool(spec.get("log")))
+        else:
+            out[key] = trial.suggest_float(name, float(spec["low"]), float(spec["high"]), log=bool(spec.get("log")))
+    return out
