@@ -1,0 +1,119 @@
+"""Quasi-recurrent neural network (Bradbury et al. 2017), fo-pooling.
+
+Each layer: a causal convolution over time (window 2: the current and the previous input)
+gives three pre-activations, Z = tanh, F = sigmoid, O = sigmoid, then fo-pooling
+
+    c_t = f_t * c_{t-1} + (1 - f_t) * z_t,        h_t = o_t * c_t.
+
+The only sequential part is the elementwise recurrence on c, a diagonal linear scan with
+a_t = f_t and b_t = (1 - f_t) z_t, so training runs it through
+`archlab.kernels.scan.linear_scan` (config `kernel`); `step()` runs it one position at a
+time and equals the parallel forward. Layers stack; with `residual` the layer output is
+added to its input (pre-LayerNorm residual), which keeps deep stacks trainable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from archlab.kernels.scan import linear_scan
+
+
+@dataclass
+class Config:
+    d_model: int = 512  # hidden size (c and h)
+    n_layers: int = 2
+    window: int = 2  # convolution width over time: 1 (no look-back) or 2 (the paper's)
+    dropout: float = 0.0  # between layers
+    residual: bool = True  # pre-LayerNorm residual stacking; False = the paper's plain stack
+    kernel: str = "auto"  # linear_scan path
+
+
+FLAVORS = {
+    "debug": Config(d_model=32, n_layers=2, window=2, dropout=0.0),
+    # the seed LSTM's shape (2 x 512) so the two recurrent baselines compare
+    "seed": Config(d_model=512, n_layers=2, window=2, dropout=0.1),
+}
+
+# exact parameter count of build_model("qrnn", "vector", FLAVORS[f], d_in=768)
+PARAM_COUNTS = {"debug": 62560, "seed": 3938560}
+
+
+class QRNNLayer(nn.Module):
+    def __init__(self, d_in: int, d_hidden: int, window: int, kernel: str):
+        super().__init__()
+        if window not in (1, 2):
+            raise ValueError(f"qrnn: model.window must be 1 or 2, found {window}")
+        self.window, self.kernel = window, kernel
+        self.d_in, self.d_hidden = d_in, d_hidden
+        # one Linear over the concatenated window [x_{t-1}, x_t] == a width-`window` conv
+        self.proj = nn.Linear(window * d_in, 3 * d_hidden)
+
+    def _gates(self, xw: torch.Tensor):
+        z, f, o = self.proj(xw).chunk(3, dim=-1)
+        return torch.tanh(z), torch.sigmoid(f), torch.sigmoid(o)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, d_in] -> [B, T, d_hidden]
+        if self.window == 2:
+            prev = torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], dim=1)  # x_{t-1}, zero at t=0
+            x = torch.cat([prev, x], dim=-1)  # (B, T, 2 d_in)
+        z, f, o = self._gates(x)
+        c, _ = linear_scan(f, (1 - f) * z, kernel=self.kernel)
+        return o * c
+
+    def step(self, x_t: torch.Tensor, state):
+        """x_t [B, d_in]; state (x_{t-1} [B, d_in], c_{t-1} [B, d_hidden])."""
+        x_prev, c = state
+        xw = torch.cat([x_prev, x_t], dim=-1) if self.window == 2 else x_t
+        z, f, o = self._gates(xw)
+        c = f * c + (1 - f) * z
+        return o * c, (x_t, c)
+
+
+class QRNNBackbone(nn.Module):
+    def __init__(self, cfg: Config, d_input: int):
+        super().__init__()
+        self.d_model = cfg.d_model
+        dims = [d_input] + [cfg.d_model] * cfg.n_layers
+        self.layers = nn.ModuleList(
+            QRNNLayer(dims[i], cfg.d_model, cfg.window, cfg.kernel) for i in range(cfg.n_layers)
+        )
+        # a residual needs matching widths: layer i adds its input when dims[i] == d_model
+        self.norms = nn.ModuleList(
+            nn.LayerNorm(dims[i]) if cfg.residual else nn.Identity() for i in range(cfg.n_layers)
+        )
+        self.skips = [cfg.residual and dims[i] == cfg.d_model for i in range(cfg.n_layers)]
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, d_input] -> [B, T, d_model]
+        for i, (layer, norm) in enumerate(zip(self.layers, self.norms)):
+            y = layer(norm(x))
+            x = x + y if self.skips[i] else y
+            if i < len(self.layers) - 1:
+                x = self.drop(x)
+        return x
+
+    def init_state(self, batch: int, device=None):
+        return [
+            (torch.zeros(batch, layer.d_in, device=device),
+             torch.zeros(batch, self.d_model, device=device))
+            for layer in self.layers
+        ]
+
+    def step(self, x_t: torch.Tensor, state):
+        """x_t [B, d_input] -> (y_t [B, d_model], state); equals forward() position by position."""
+        new = []
+        for i, (layer, norm, s) in enumerate(zip(self.layers, self.norms, state)):
+            y, s = layer.step(norm(x_t), s)
+            new.append(s)
+            x_t = x_t + y if self.skips[i] else y
+            if i < len(self.layers) - 1:
+                x_t = self.drop(x_t)
+        return x_t, new
+
+
+def build(config: Config, d_input: int) -> nn.Module:
+    return QRNNBackbone(config, d_input)
