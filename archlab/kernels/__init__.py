@@ -6,5 +6,12 @@ Ops (each `kernels/<op>/` has `reference.py`, the source of truth, and fast path
 - `retention`: RetNet multi-scale retention                      -> `retention`
 
 Every public op takes `kernel="auto" | "reference" | "torch" | "triton" | "mamba_ssm" | "fla"`.
-Importing this package imports neither triton nor mamba-ssm nor fla.
+Importing this package imports neither triton nor mamba-ssm nor fla: availability is
+decided with `importlib.util.find_spec` and `torch.cuda.is_available()` only.
 """
+
+from __future__ import annotations
+
+from archlab.kernels._dispatch import KERNELS, OPS, KernelUnavailableError, available_paths, resolve_kernel
+
+__all__ = ["KERNELS", "OPS", "KernelUnavailableError", "available_paths", "resolve_kernel"]

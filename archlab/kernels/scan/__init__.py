@@ -1,12 +1,36 @@
-"""Diagonal linear recurrence. Public entry: `linear_scan(a, b, h0=None, kernel="auto")`."""
+"""Diagonal linear recurrence. Public entry: `linear_scan(a, b, h0=None, kernel="auto", chunk_size=None)`."""
 
 from __future__ import annotations
 
+from archlab.kernels._dispatch import resolve_kernel
 from archlab.kernels.scan.reference import linear_scan_ref
+from archlab.kernels.scan.torch_scan import linear_scan_torch
+
+__all__ = ["linear_scan", "linear_scan_ref", "linear_scan_torch"]
 
 
-def linear_scan(a, b, h0=None, *, kernel: str = "auto"):
-    """h_t = a_t * h_{t-1} + b_t over [B, T, D]; returns (h [B, T, D], h_T [B, D])."""
-    if kernel in ("auto", "reference"):
+def _check(a, b, h0) -> None:
+    if b.dim() != 3:
+        raise ValueError(f"b must be [B, T, D]; found shape {list(b.shape)}")
+    if tuple(a.shape) != tuple(b.shape):
+        raise ValueError(f"a must have b's shape {list(b.shape)}; found {list(a.shape)}")
+    if h0 is not None and tuple(h0.shape) != (b.shape[0], b.shape[2]):
+        raise ValueError(f"h0 must be [B, D] = {[b.shape[0], b.shape[2]]}; found {list(h0.shape)}")
+
+
+def linear_scan(a, b, h0=None, *, kernel: str = "auto", chunk_size: int | None = None):
+    """h_t = a_t * h_{t-1} + b_t over [B, T, D] (a of any sign); h0 [B, D] or None (zeros).
+
+    Returns (h [B, T, D], h_T [B, D]) in b's dtype, computed in fp32. Differentiable in a,
+    b and h0 on every path. kernel: "auto" | "reference" | "torch" | "triton".
+    chunk_size: time steps per block (None: a per-path default); results do not depend on it.
+    """
+    _check(a, b, h0)
+    path = resolve_kernel("scan", kernel, b.device)
+    if path == "reference":
         return linear_scan_ref(a, b, h0)
-    raise ValueError(f"kernel={kernel!r} is not available for linear_scan (available: reference)")
+    if path == "torch":
+        return linear_scan_torch(a, b, h0, chunk_size)
+    from archlab.kernels.scan.triton_scan import linear_scan_triton
+
+    return linear_scan_triton(a, b, h0, chunk_size)

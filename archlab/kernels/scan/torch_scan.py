@@ -1,0 +1,89 @@
+"""Diagonal linear recurrence, the pure-PyTorch fast path (the default on CPU).
+
+h_t = a_t * h_{t-1} + b_t for any sign of a. A two-level blocked scan: T is cut into
+chunks of L steps; (1) every chunk is scanned from a zero state, all chunks at once, in
+L vectorised steps, alongside the chunk's running product of a; (2) the chunk-boundary
+states are carried across the T/L chunks; (3) each chunk adds its incoming state times
+the running product. Python does L + T/L small steps instead of T, and the arithmetic is
+the sequential one (products and sums, no logs or divisions), so it is as stable as the
+loop for any T (tested to 16k) and for a of either sign or exactly zero.
+
+The backward pass is the same scan run backwards (a custom autograd.Function):
+    g_t = dL/dh_t + a_{t+1} g_{t+1},   db_t = g_t,   da_t = g_t h_{t-1},   dh0 = a_0 g_0.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def default_chunk(t: int) -> int:
+    """About sqrt(T) (balances the L in-chunk steps against the T/L carry steps), in [8, 256]."""
+    return int(min(256, max(8, 2 ** round(math.log2(max(t, 1)) / 2))))
+
+
+def scan_fwd(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None, chunk: int) -> torch.Tensor:
+    """fp32 forward, no autograd: a, b [B, T, D], h0 [B, D] or None -> h [B, T, D]."""
+    bsz, t, d = b.shape
+    if t == 0:
+        return b.new_zeros(bsz, 0, d)
+    pad = (-t) % chunk
+    if pad:  # a = 1, b = 0 on padded steps: the state passes through unchanged
+        a = F.pad(a, (0, 0, 0, pad), value=1.0)
+        b = F.pad(b, (0, 0, 0, pad))
+    c = (t + pad) // chunk
+    A = a.reshape(bsz, c, chunk, d)  # (B, c, L, D)
+    Bv = b.reshape(bsz, c, chunk, d)
+    # (1) in-chunk scan from a zero state, all chunks at once
+    h = torch.empty_like(Bv)
+    h[:, :, 0] = Bv[:, :, 0]
+    for i in range(1, chunk):
+        torch.addcmul(Bv[:, :, i], A[:, :, i], h[:, :, i - 1], out=h[:, :, i])
+    P = torch.cumprod(A, dim=2)  # (B, c, L, D): product of a from the chunk start to step i
+    # (2) the state entering each chunk, carried across chunk boundaries
+    carry = torch.empty(bsz, c, d, dtype=b.dtype, device=b.device)
+    carry[:, 0] = 0.0 if h0 is None else h0
+    for k in range(1, c):
+        torch.addcmul(h[:, k - 1, -1], P[:, k - 1, -1], carry[:, k - 1], out=carry[:, k])
+    # (3) every step adds its chunk's incoming state, decayed by the running product
+    h.addcmul_(P, carry[:, :, None])
+    return h.reshape(bsz, c * chunk, d)[:, :t]
+
+
+class _LinearScan(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a, b, h0, chunk):
+        h = scan_fwd(a, b, h0, chunk)
+        ctx.save_for_backward(a, h, h0)
+        ctx.chunk = chunk
+        return h
+
+    @staticmethod
+    def backward(ctx, dh):
+        a, h, h0 = ctx.saved_tensors
+        # reverse-time scan: in flipped time, step u multiplies by a_{t+1}, and the last step
+        # (u = 0) has nothing after it, hence the appended 1 (its value is never used).
+        a_next = torch.cat([a[:, 1:], torch.ones_like(a[:, :1])], dim=1)
+        g = scan_fwd(a_next.flip(1), dh.contiguous().flip(1), None, ctx.chunk).flip(1)  # (B, T, D)
+        h_prev = torch.cat([torch.zeros_like(h[:, :1]) if h0 is None else h0[:, None], h[:, :-1]], dim=1)
+        da = g * h_prev
+        dh0 = a[:, 0] * g[:, 0] if h0 is not None else None
+        return da, g, dh0, None
+
+
+def linear_scan_torch(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None = None,
+                      chunk_size: int | None = None):
+    """a, b [B, T, D], h0 [B, D] or None -> (h [B, T, D], h_T [B, D]); fp32 inside, b's dtype out."""
+    dtype = b.dtype
+    t = b.shape[1]
+    chunk = chunk_size or default_chunk(t)
+    if chunk < 1:
+        raise ValueError(f"chunk_size must be >= 1; found {chunk}")
+    a32, b32 = a.float().contiguous(), b.float().contiguous()
+    h032 = None if h0 is None else h0.float().contiguous()
+    h = _LinearScan.apply(a32, b32, h032, chunk)
+    h_T = h[:, -1] if t > 0 else (b32.new_zeros(b.shape[0], b.shape[2]) if h0 is None else h032)
+    return h.to(dtype), h_T.to(dtype)
