@@ -78,7 +78,7 @@ _SPECS: dict[str, ArchSpec] = {
         _s("qrnn", BOTH, "quasi-recurrent network (fo-pooling)", ("scan",)),
         _s("hawk", BOTH, "Hawk: RG-LRU recurrent blocks", ("scan",)),
         _s("griffin", BOTH, "Griffin: RG-LRU + local attention", ("scan",)),
-        _s("elman", BOTH, "Elman ablation ladder (gating, spectral norm, log-space)", ("scan",)),
+        _s("elman", BOTH, "Elman ablation ladder (gating, spectral norm, log-space)"),
     ]
 }
 

@@ -1,0 +1,15 @@
+"""Hawk: no seed recipe exists; the Griffin paper's block (RG-LRU width 1-1.5x, gated MLP
+expansion 3) at the seed widths, lr on the usual AdamW range."""
+
+SPACE = {
+    "model.d_model": {"choices": [256, 512, 768]},
+    "model.n_layers": {"choices": [2, 4, 6]},
+    "model.rnn_expand": {"choices": [1.0, 1.5]},
+    "model.mlp_expand": {"choices": [2, 3]},
+    "train.lr": {"low": 1e-4, "high": 3e-3, "log": True},
+}
+
+SMOKE = {
+    "model.d_model": {"choices": [16, 32]},
+    "train.lr": {"low": 5e-4, "high": 5e-3, "log": True},
+}
