@@ -1,0 +1,17 @@
+"""Performer (causal FAVOR+): nb_features [128, 256, 512] (the issue's range) around the seed
+Transformer's widths."""
+
+SPACE = {
+    "model.d_model": {"choices": [256, 512]},
+    "model.n_layers": {"choices": [2, 4, 6]},
+    "model.n_heads": {"choices": [4, 8]},
+    "model.nb_features": {"choices": [128, 256, 512]},
+    "model.dropout": {"choices": [0.0, 0.1]},
+    "train.lr": {"low": 1e-4, "high": 1e-3, "log": True},
+}
+
+SMOKE = {
+    "model.d_model": {"choices": [16, 32]},
+    "model.nb_features": {"choices": [8, 16]},
+    "train.lr": {"low": 5e-4, "high": 5e-3, "log": True},
+}
