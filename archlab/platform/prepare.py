@@ -162,18 +162,35 @@ class _SplitWriter:
             (self.out / ".staging").rmdir()  # only when no other split is being staged
         except OSError:
             pass
-        build_manifest(self.out, name=self.name)
+        build_manifest(self.out, name=self.name, extra=manifest_extra(self.out))
         return [final / p.name for p in self.paths]
 
     def abort(self) -> None:
         shutil.rmtree(self.stage, ignore_errors=True)
 
 
+def manifest_extra(out: Path) -> dict:
+    """Dataset-wide facts for manifest.json that the training reads: for token data the
+    separator id and tokens per source byte (bits-per-byte = nats/token * tokens_per_byte
+    / ln 2), summed over the shards that recorded their source bytes."""
+    metas = [read_shard_meta(p) for p in sorted(Path(out).glob("*/*.parquet"))]
+    if not metas or metas[0].kind != "token":
+        return {}
+    extra = {"separator_id": int(metas[0].extra.get("sep_id", 0))}
+    if all("n_bytes" in m.extra for m in metas):
+        n_bytes = sum(m.extra["n_bytes"] for m in metas)
+        extra["tokens_per_byte"] = sum(m.extra["n_tokens"] for m in metas) / max(n_bytes, 1)
+    return extra
+
+
 def _write_split(out, split, tables, meta, name=None) -> list[Path]:
+    """Write (table, extra-facts) pairs as one split; the facts go to that shard's metadata."""
+    import dataclasses
+
     w = _SplitWriter(Path(out), split, name)
     try:
-        for t in tables:
-            w.write(t, meta)
+        for t, facts in tables:
+            w.write(t, dataclasses.replace(meta, extra={**meta.extra, **facts}))
         return w.commit()
     except BaseException:
         w.abort()
@@ -191,7 +208,7 @@ def _list_array(flat, lengths):
 
 
 # ------------------------------------------------------------- token sources
-def _token_tables(doc_ids: list[str], token_docs: list, vocab_size: int, rows_per_shard: int):
+def _token_tables(doc_ids: list[str], token_docs: list, vocab_size: int, rows_per_shard: int, doc_bytes=None):
     import numpy as np
     import pyarrow as pa
 
@@ -202,7 +219,10 @@ def _token_tables(doc_ids: list[str], token_docs: list, vocab_size: int, rows_pe
         lengths = np.array([len(t) for t in part], dtype=np.int64)
         flat = np.concatenate(part).astype(np_dtype) if part else np.zeros(0, np_dtype)
         tokens = _list_array(pa.array(flat, type=token_dtype(vocab_size)), lengths)
-        yield pa.Table.from_arrays([pa.array(doc_ids[start:start + rows_per_shard], pa.string()), tokens], schema=schema)
+        facts = {"n_tokens": int(lengths.sum())}
+        if doc_bytes is not None:
+            facts["n_bytes"] = int(sum(doc_bytes[start:start + rows_per_shard]))
+        yield pa.Table.from_arrays([pa.array(doc_ids[start:start + rows_per_shard], pa.string()), tokens], schema=schema), facts
 
 
 def text_to_token_shards(
@@ -249,7 +269,9 @@ def text_to_token_shards(
         kind="token", vocab_size=tok.vocab_size, tokenizer=tok.spec,
         extra={"source": src.name, "docs": docs, "sep_id": tok.sep_id, "prepare_key": key},
     )
-    return _write_split(out, split, _token_tables(doc_ids, [token_docs[i] for i in keep], tok.vocab_size, rows_per_shard), meta)
+    doc_bytes = [len(documents[i].encode("utf-8")) for i in keep]
+    tables = _token_tables(doc_ids, [token_docs[i] for i in keep], tok.vocab_size, rows_per_shard, doc_bytes)
+    return _write_split(out, split, tables, meta)
 
 
 def parquet_to_token_shards(
@@ -320,7 +342,9 @@ def parquet_to_token_shards(
         raise DataError(f"{src}: column {tokens_col!r}: ids {flat.min()}..{flat.max()} do not fit the storage type for vocab {vocab_size}")
     meta = ShardMeta(kind="token", vocab_size=vocab_size, tokenizer=tokenizer,
                      extra={"source": src.name, "docs": docs, "sep_id": 0, "prepare_key": key})
-    return _write_split(out, split, _token_tables(doc_ids, token_docs, vocab_size, rows_per_shard), meta)
+    # Byte tokens are their own source bytes; other ids have no known byte count.
+    doc_bytes = [len(t) for t in token_docs] if tokenizer == "byte" else None
+    return _write_split(out, split, _token_tables(doc_ids, token_docs, vocab_size, rows_per_shard, doc_bytes), meta)
 
 
 # ------------------------------------------------------------ vector sources
@@ -386,7 +410,7 @@ def parquet_to_vector_shards(
             ]
             if texts_col:
                 arrays.append(part.column(texts_col).cast(pa.list_(pa.string())))
-            yield pa.Table.from_arrays(arrays, schema=out_schema)
+            yield pa.Table.from_arrays(arrays, schema=out_schema), {}
 
     return _write_split(out_dir, split, tables(), meta)
 
@@ -485,6 +509,6 @@ def text_to_vector_shards(
                 [pa.array([f"{src.stem}:{i}" for i in keep[start:stop]], pa.string()),
                  _list_array(vec, lengths[start:stop]), _list_array(texts, lengths[start:stop])],
                 schema=schema,
-            )
+            ), {}
 
     return _write_split(out, split, tables(), meta)
