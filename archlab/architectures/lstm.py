@@ -26,6 +26,9 @@ FLAVORS = {
     "seed": Config(d_model=512, n_layers=2, dropout=0.2),
 }
 
+# exact parameter count of build_model("lstm", "vector", FLAVORS[f], d_in=768)
+PARAM_COUNTS = {"debug": 136448, "seed": 5120768}
+
 
 class LSTMBackbone(nn.Module):
     def __init__(self, config: Config, d_input: int):
@@ -44,7 +47,8 @@ class LSTMBackbone(nn.Module):
         return y
 
     def init_state(self, batch: int, device=None):
-        z = torch.zeros(self.lstm.num_layers, batch, self.d_model, device=device)
+        # (n_layers, B, d_model) hidden and cell states, in the weights' dtype (fp64 tests)
+        z = torch.zeros(self.lstm.num_layers, batch, self.d_model, device=device, dtype=self.lstm.weight_hh_l0.dtype)
         return (z, z.clone())
 
     def step(self, x_t: torch.Tensor, state):  # [B, d_input] -> [B, d_model]

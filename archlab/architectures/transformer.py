@@ -31,6 +31,9 @@ FLAVORS = {
     "seed": Config(d_model=512, n_layers=4, n_heads=8, d_ff=2048, dropout=0.1),
 }
 
+# exact parameter count of build_model("transformer", "vector", FLAVORS[f], d_in=768)
+PARAM_COUNTS = {"debug": 68096, "seed": 13659904}
+
 
 def sinusoidal_positions(max_len: int, d_model: int) -> torch.Tensor:
     pos = torch.arange(max_len, dtype=torch.float32).unsqueeze(1)

@@ -1,0 +1,13 @@
+"""Residual GRU stack: the seeds' ranges (d_hidden [256, 512, 768], n_layers [3, 6, 9])."""
+
+SPACE = {
+    "model.d_model": {"choices": [256, 512, 768]},
+    "model.n_layers": {"choices": [3, 6, 9]},
+    "model.dropout": {"choices": [0.0, 0.1, 0.2]},
+    "train.lr": {"low": 1e-4, "high": 1e-2, "log": True},
+}
+
+SMOKE = {
+    "model.d_model": {"choices": [16, 32]},
+    "train.lr": {"low": 5e-4, "high": 5e-3, "log": True},
+}
