@@ -128,7 +128,9 @@ class ElmanLayer(nn.Module):
         out_gate = parts.pop(0) if self.config.compete else None
         return cand, gate, out_gate
 
-    def init_state(self, batch: int, device=None, dtype=torch.float32):
+    def init_state(self, batch: int, device=None, dtype=None):
+        # default: the parameters' dtype (fp32 in training, fp64 after .double() in tests)
+        dtype = dtype or self.in_proj.weight.dtype
         if self.config.log_space:
             return (torch.full((batch, self.d_hidden), LOG_ZERO, device=device, dtype=dtype),
                     torch.ones(batch, self.d_hidden, device=device, dtype=dtype))
