@@ -54,8 +54,9 @@ PARAM_COUNTS = {"debug": 80544, "seed": 21492480}
 def rotate(x: torch.Tensor, pos: torch.Tensor, base: float) -> torch.Tensor:
     """Rotary position embedding. x [..., T, k] (k even), pos [T] integer positions."""
     k = x.shape[-1]
-    inv_freq = base ** (-torch.arange(0, k, 2, device=x.device, dtype=torch.float32) / k)
-    ang = pos.to(torch.float32)[:, None] * inv_freq  # (T, k/2)
+    dt = torch.promote_types(x.dtype, torch.float32)  # angles in at least fp32 (large t)
+    inv_freq = base ** (-torch.arange(0, k, 2, device=x.device, dtype=dt) / k)
+    ang = pos.to(dt)[:, None] * inv_freq  # (T, k/2)
     cos, sin = ang.cos().to(x.dtype), ang.sin().to(x.dtype)
     x1, x2 = x[..., : k // 2], x[..., k // 2:]
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
