@@ -141,6 +141,10 @@ class GPT2Backbone(nn.Module):
                     nn.init.zeros_(m.bias)
         nn.init.normal_(self.wpe.weight, mean=0.0, std=0.02)
 
+    # attention always goes through F.scaled_dot_product_attention, which picks its own
+    # fused backend (flash / memory-efficient on CUDA, math on CPU)
+    kernel_path = "sdpa"
+
     def _check_len(self, T: int) -> None:
         if T > self.max_len:
             raise ValueError(f"gpt2: sequence length {T} exceeds model.max_len={self.max_len}")

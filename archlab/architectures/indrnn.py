@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from archlab.kernels._dispatch import resolve_kernel
 from archlab.kernels.scan import linear_scan
 
 _ACTS = ("relu", "tanh", "identity")
@@ -63,6 +64,7 @@ class IndRNNLayer(nn.Module):
         # the paper initialises u uniformly in (0, 1); here inside (0, 0.99 u_max)
         u0 = torch.rand(d_hidden) * 0.99
         self.u_raw = nn.Parameter(torch.atanh(u0))
+        self.last_path = None
 
     @property
     def u(self) -> torch.Tensor:
@@ -80,8 +82,10 @@ class IndRNNLayer(nn.Module):
         u = self.u.to(wx.dtype)
         if self.activation == "identity":
             a = u.expand_as(wx)
-            h, _ = linear_scan(a, wx, kernel=self.kernel)
+            self.last_path = "scan:" + resolve_kernel("scan", self.kernel, x.device)
+            h, _ = linear_scan(a, wx, kernel=self.last_path[5:])
             return h
+        self.last_path = "sequential"
         h = wx.new_zeros(wx.shape[0], self.d_hidden)
         out = []
         for t in range(wx.shape[1]):  # nonlinear recurrence: no parallel form
@@ -108,6 +112,11 @@ class IndRNNBackbone(nn.Module):
         )
         self.skips = [cfg.residual and dims[i] == cfg.d_model for i in range(cfg.n_layers)]
         self.drop = nn.Dropout(cfg.dropout)
+
+    @property
+    def kernel_path(self) -> str:
+        """Which path the last forward ran: "sequential" (relu/tanh) or "scan:<path>" (identity)."""
+        return self.layers[0].last_path or "not run yet"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, d_input] -> [B, T, d_model]
         for i, (layer, norm) in enumerate(zip(self.layers, self.norms)):

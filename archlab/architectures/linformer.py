@@ -182,6 +182,8 @@ class LinformerBackbone(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(cfg.d_model)
 
+    kernel_path = "torch"  # one path: the blockwise PyTorch form above
+
     def _check_len(self, T: int) -> None:
         if T > self.max_len:
             raise ValueError(f"linformer: sequence length {T} exceeds model.max_len={self.max_len}")

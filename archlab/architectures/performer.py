@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from archlab.kernels._dispatch import resolve_kernel
 from archlab.kernels.retention import retention, retention_step
 
 
@@ -115,6 +116,7 @@ class FavorAttention(nn.Module):
         self.register_buffer("proj", torch.empty(cfg.nb_features, self.d_head))
         self.register_buffer("seed", torch.zeros((), dtype=torch.int64))
         self.redraw_features(cfg.feature_seed + layer)
+        self.last_path = None
 
     @torch.no_grad()
     def redraw_features(self, seed: int) -> None:
@@ -134,8 +136,9 @@ class FavorAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self._heads(x)
+        self.last_path = resolve_kernel("retention", self.kernel, x.device)
         with torch.autocast(device_type=x.device.type, enabled=False):
-            y = favor_causal(q, k, v, self.proj, chunk_size=self.chunk_size, kernel=self.kernel)
+            y = favor_causal(q, k, v, self.proj, chunk_size=self.chunk_size, kernel=self.last_path)
         return self._merge(y.to(x.dtype))
 
     def step(self, x_t: torch.Tensor, state):
@@ -190,6 +193,11 @@ class PerformerBackbone(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(cfg.d_model)
+
+    @property
+    def kernel_path(self) -> str:
+        """Which retention path the last forward ran (step() always uses retention_step)."""
+        return f"retention:{self.blocks[0].attn.last_path or 'not run yet'}"
 
     def _check_len(self, T: int) -> None:
         if T > self.max_len:

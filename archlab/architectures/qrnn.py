@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from archlab.kernels._dispatch import resolve_kernel
 from archlab.kernels.scan import linear_scan
 
 
@@ -51,6 +52,7 @@ class QRNNLayer(nn.Module):
         self.d_in, self.d_hidden = d_in, d_hidden
         # one Linear over the concatenated window [x_{t-1}, x_t] == a width-`window` conv
         self.proj = nn.Linear(window * d_in, 3 * d_hidden)
+        self.last_path = None
 
     def _gates(self, xw: torch.Tensor):
         z, f, o = self.proj(xw).chunk(3, dim=-1)
@@ -61,7 +63,8 @@ class QRNNLayer(nn.Module):
             prev = torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], dim=1)  # x_{t-1}, zero at t=0
             x = torch.cat([prev, x], dim=-1)  # (B, T, 2 d_in)
         z, f, o = self._gates(x)
-        c, _ = linear_scan(f, (1 - f) * z, kernel=self.kernel)
+        self.last_path = resolve_kernel("scan", self.kernel, x.device)
+        c, _ = linear_scan(f, (1 - f) * z, kernel=self.last_path)
         return o * c
 
     def step(self, x_t: torch.Tensor, state):
@@ -87,6 +90,11 @@ class QRNNBackbone(nn.Module):
         )
         self.skips = [cfg.residual and dims[i] == cfg.d_model for i in range(cfg.n_layers)]
         self.drop = nn.Dropout(cfg.dropout)
+
+    @property
+    def kernel_path(self) -> str:
+        """Which linear_scan path the last forward ran (step() is always the plain loop)."""
+        return f"scan:{self.layers[0].last_path or 'not run yet'}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, d_input] -> [B, T, d_model]
         for i, (layer, norm) in enumerate(zip(self.layers, self.norms)):
