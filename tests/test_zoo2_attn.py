@@ -408,3 +408,18 @@ def test_bf16_autocast_tracks_fp32(name):
         y = model(x)
     assert torch.isfinite(y.float()).all()
     assert_close(y, ref, rtol=5e-2, what=f"{name} bf16 autocast vs fp32")
+
+
+@pytest.mark.parametrize("name,over,expected", [
+    ("gpt2", {}, "sdpa"),
+    ("linformer", {}, "torch"),
+    ("performer", {"kernel": "reference"}, "retention:reference"),
+    ("performer", {"kernel": "torch"}, "retention:torch"),
+    ("qrnn", {"kernel": "reference"}, "scan:reference"),
+    ("indrnn", {}, "sequential"),
+    ("indrnn", {"activation": "identity", "kernel": "torch"}, "scan:torch"),
+])
+def test_kernel_path_reports_what_ran(name, over, expected):
+    model = debug_backbone(name, **over)
+    model(torch.randn(1, 4, 32))
+    assert model.kernel_path == expected
