@@ -58,8 +58,10 @@ def long_conv(u: torch.Tensor, h: torch.Tensor, kernel: str) -> torch.Tensor:
     """Causal y_t = sum_{s<=t} h_{t-s} u_s per channel; u [B, D, T], h [D, T] -> [B, D, T]."""
     T = u.shape[-1]
     if kernel == "fft":
-        n = 2 * T  # zero-pad so the circular convolution is linear
-        y = torch.fft.irfft(torch.fft.rfft(u.float(), n=n) * torch.fft.rfft(h.float(), n=n), n=n)
+        # FFT in at least fp32 (no bf16/fp16 FFT); zero-pad so the circular conv is linear
+        wd = torch.promote_types(u.dtype, torch.float32)
+        n = 2 * T
+        y = torch.fft.irfft(torch.fft.rfft(u.to(wd), n=n) * torch.fft.rfft(h.to(wd), n=n), n=n)
         return y[..., :T].to(u.dtype)
     if kernel == "direct":
         return F.conv1d(F.pad(u, (T - 1, 0)), h.flip(-1).unsqueeze(1).to(u.dtype), groups=h.shape[0])
@@ -96,11 +98,11 @@ class ImplicitFilter(nn.Module):
                              persistent=False)
         self.bias = nn.Parameter(torch.randn(channels))  # the skip term of each long conv
 
-    def positions(self, T: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    def positions(self, T: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(features [T, emb_dim], t [T] in [0, T/max_len))."""
-        n = torch.arange(T, device=device, dtype=torch.float32)
+        n = torch.arange(T, device=device, dtype=dtype)
         t = n / self.max_len
-        f = torch.linspace(1e-4, self.bands - 1, self.bands, device=device)
+        f = torch.linspace(1e-4, self.bands - 1, self.bands, device=device, dtype=dtype)
         ang = 2 * math.pi * n[:, None] / self.max_len * f  # (T, bands)
         return torch.cat([t[:, None], torch.cos(ang), torch.sin(ang)], dim=-1), t
 
@@ -108,9 +110,9 @@ class ImplicitFilter(nn.Module):
         if T > self.max_len:
             raise ValueError(f"sequence length {T} exceeds model.max_len={self.max_len} "
                              "(the implicit filters' position scale); raise model.max_len")
-        z, t = self.positions(T, device)
+        z, t = self.positions(T, device, self.bias.dtype)
         h = self.ffn(z)  # (T, channels)
-        window = torch.exp(-t[:, None] * self.deltas.abs())  # (T, channels)
+        window = torch.exp(-t[:, None] * self.deltas.abs().to(t.dtype))  # (T, channels)
         return (h * window).transpose(0, 1)  # (channels, T)
 
 

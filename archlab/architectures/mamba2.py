@@ -115,14 +115,16 @@ class Mamba2Mixer(nn.Module):
         return torch.split(zxbcdt, [self.d_inner, self.conv_dim, self.nheads], dim=-1)
 
     def _ssm_inputs(self, xBC: torch.Tensor, dt_raw: torch.Tensor):
-        """fp32 (x [.., H, P], dt [.., H], A [H], B, C [.., H, N]) from conv output and raw dt."""
-        x, B, C = torch.split(xBC.float(), [self.d_inner, self.ngroups * self.d_state,
+        """(x [.., H, P], dt [.., H], A [H], B, C [.., H, N]) from conv output and raw dt, in
+        A_log's precision: fp32 (fp64 in fp64 tests), never the autocast dtype."""
+        wd = self.A_log.dtype
+        x, B, C = torch.split(xBC.to(wd), [self.d_inner, self.ngroups * self.d_state,
                                             self.ngroups * self.d_state], dim=-1)
         rep = self.nheads // self.ngroups  # heads per group share B and C
         B = B.unflatten(-1, (self.ngroups, self.d_state)).repeat_interleave(rep, dim=-2)
         C = C.unflatten(-1, (self.ngroups, self.d_state)).repeat_interleave(rep, dim=-2)
-        dt = F.softplus(dt_raw.float() + self.dt_bias.float())
-        A = -torch.exp(self.A_log.float())
+        dt = F.softplus(dt_raw.to(wd) + self.dt_bias)
+        A = -torch.exp(self.A_log)
         return x.unflatten(-1, (self.nheads, self.headdim)), dt, A, B, C
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:  # [B, T, d_model]
@@ -137,7 +139,7 @@ class Mamba2Mixer(nn.Module):
             x, dt, A, B, C = self._ssm_inputs(xBC, dt_raw)
             path = "auto" if self.kernel == "auto" else self.kernel
             y, _ = ssd(x, dt, A, B, C, chunk_size=self.chunk_size, kernel=path)  # (B, T, H, P)
-            y = y + self.D.float()[:, None] * x
+            y = y + self.D[:, None] * x
         self.last_path = resolve_kernel("ssd", path, u.device)
         y = self._gated_norm(y.flatten(-2).to(z.dtype), z)
         return self.out_proj(y)
@@ -152,7 +154,7 @@ class Mamba2Mixer(nn.Module):
             x, dt, A, B, C = self._ssm_inputs(xBC, dt_raw)  # x (B, H, P), B/C (B, H, N)
             decay = torch.exp(dt * A)[..., None, None]  # (B, H, 1, 1)
             S = decay * S + (dt[..., None] * x).unsqueeze(-1) * B.unsqueeze(-2)
-            y = (S * C.unsqueeze(-2)).sum(-1) + self.D.float()[:, None] * x  # (B, H, P)
+            y = (S * C.unsqueeze(-2)).sum(-1) + self.D[:, None] * x  # (B, H, P)
         y = self._gated_norm(y.flatten(-2).to(z.dtype), z)
         return self.out_proj(y), (conv, S)
 
@@ -195,9 +197,10 @@ class Mamba2Backbone(nn.Module):
         # ssm [B, n_heads, headdim, d_state]
         states = []
         for m in self.mixers:
-            conv_dim = m.conv1d.weight.shape[0]
-            states.append((torch.zeros(batch, conv_dim, m.conv1d.weight.shape[-1], device=device),
-                           torch.zeros(batch, m.nheads, m.headdim, m.d_state, device=device)))
+            w = m.conv1d.weight  # conv cache in the conv's dtype, SSM state in A_log's (fp32)
+            states.append((torch.zeros(batch, w.shape[0], w.shape[-1], device=device, dtype=w.dtype),
+                           torch.zeros(batch, m.nheads, m.headdim, m.d_state, device=device,
+                                       dtype=m.A_log.dtype)))
         return states
 
     def step(self, x_t: torch.Tensor, state):  # [B, d_input] -> [B, d_model]

@@ -53,8 +53,9 @@ PARAM_COUNTS = {"debug": 75296, "seed": 19696896}
 def rotate(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     """Rotary embedding on the last dim (pairs (2i, 2i+1)); x [..., T, K], pos [T] float."""
     K = x.shape[-1]
-    theta = 10000.0 ** (-torch.arange(0, K, 2, device=x.device, dtype=torch.float32) / K)
-    ang = pos.float()[:, None] * theta  # (T, K/2)
+    wd = torch.promote_types(x.dtype, torch.float32)  # angles in >= fp32
+    theta = 10000.0 ** (-torch.arange(0, K, 2, device=x.device, dtype=wd) / K)
+    ang = pos.to(wd)[:, None] * theta  # (T, K/2)
     cos, sin = torch.cos(ang).to(x.dtype), torch.sin(ang).to(x.dtype)
     x1, x2 = x[..., 0::2], x[..., 1::2]
     return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
@@ -161,8 +162,9 @@ class RetNetBackbone(nn.Module):
 
     def init_state(self, batch: int, device=None):
         m = self.layers[0].msr
-        # fp32 states: retention_step keeps an fp32 state fp32 (long bf16 decodes)
-        return [(torch.zeros(batch, m.H, m.dk, m.dv, device=device), 0) for _ in self.layers]
+        # >= fp32 states: retention_step keeps an fp32 state fp32 (long bf16 decodes)
+        dtype = torch.promote_types(m.q.weight.dtype, torch.float32)
+        return [(torch.zeros(batch, m.H, m.dk, m.dv, device=device, dtype=dtype), 0) for _ in self.layers]
 
     def step(self, x_t: torch.Tensor, state):  # [B, d_input] -> [B, d_model]
         h = self.in_proj(x_t)

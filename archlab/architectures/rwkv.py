@@ -168,7 +168,10 @@ class TimeMix(nn.Module):
         xxx = torch.tanh((x + sx * self.mu_x) @ self.mix_w1).unflatten(-1, (5, -1))  # (B, T, 5, R)
         m = torch.einsum("btfr,frc->fbtc", xxx, self.mix_w2)  # (5, B, T, C)
         xw, xk, xv, xr, xg = (x + sx * (self.mu[i] + m[i]) for i in range(5))
-        logw = -torch.exp(self.decay + torch.tanh(xw @ self.decay_w1) @ self.decay_w2)  # (B, T, C), < 0
+        with torch.autocast(x.device.type, enabled=False):  # the decay in the parameters' fp32
+            wd = self.decay.dtype
+            lora = torch.tanh(xw.to(wd) @ self.decay_w1) @ self.decay_w2
+            logw = -torch.exp(self.decay + lora)  # (B, T, C), < 0
 
         def heads(z):  # (B, T, C) -> (B, H, T, K)
             return z.unflatten(-1, (self.H, self.K)).transpose(1, 2)
@@ -186,8 +189,10 @@ class TimeMix(nn.Module):
         r, k, v, logw, g = self._project(x, _shift(x, last))
         path = resolve_wkv(self.kernel, x.device)
         self.last_path = path
-        with torch.autocast(x.device.type, enabled=False):  # decays and state in fp32
-            r, k, v, logw, u = r.float(), k.float(), v.float(), logw.float(), self.bonus.float()
+        with torch.autocast(x.device.type, enabled=False):  # decays and state in fp32 (or fp64)
+            wd = self.decay.dtype
+            r, k, v, logw, u = r.to(wd), k.to(wd), v.to(wd), logw.to(wd), self.bonus
+            S = None if S is None else S.to(wd)
             if path == "fla":
                 o, S = wkv_fla(r, k, v, logw, u, S)
             elif path == "chunked":
@@ -253,9 +258,10 @@ class RWKVBackbone(nn.Module):
 
     def init_state(self, batch: int, device=None):
         att = self.layers[0].att
-        return [(torch.zeros(batch, self.d_model, device=device),
-                 torch.zeros(batch, att.H, att.K, att.K, device=device),
-                 torch.zeros(batch, self.d_model, device=device)) for _ in self.layers]
+        dt = att.decay.dtype  # the parameters' precision
+        return [(torch.zeros(batch, self.d_model, device=device, dtype=dt),
+                 torch.zeros(batch, att.H, att.K, att.K, device=device, dtype=dt),
+                 torch.zeros(batch, self.d_model, device=device, dtype=dt)) for _ in self.layers]
 
     def step(self, x_t: torch.Tensor, state):  # [B, d_input] -> [B, d_model]
         h = self.ln0(self.in_proj(x_t)).unsqueeze(1)  # (B, 1, C): a length-1 forward

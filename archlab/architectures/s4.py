@@ -78,11 +78,12 @@ class DPLRKernel(nn.Module):
             q._no_weight_decay = True
 
     def params(self):
-        """(dt [H], Lambda, P, B, C [H, M]) in fp32 / complex64."""
-        dt = torch.exp(self.log_dt.float())
-        lam = torch.complex(-torch.exp(self.log_lam_real.float()), self.lam_imag.float())
+        """(dt [H], Lambda, P, B, C [H, M]) in the parameters' precision (fp32 normally,
+        also under autocast: parameters stay fp32 and autocast is off here)."""
+        dt = torch.exp(self.log_dt)
+        lam = torch.complex(-torch.exp(self.log_lam_real), self.lam_imag)
         c = torch.view_as_complex
-        return dt, lam, c(self.P.float()), c(self.B.float()), c(self.C.float())
+        return dt, lam, c(self.P), c(self.B), c(self.C)
 
     def dense(self):
         """Bilinear (Abar [H, M, M], Bbar [H, M]) from A = diag(Lambda) - P P*."""
@@ -103,7 +104,7 @@ class DPLRKernel(nn.Module):
         Abar, _ = self.dense()
         eye = torch.eye(lam.shape[-1], dtype=lam.dtype, device=lam.device)
         Ct = (C.unsqueeze(-2) @ (eye - torch.linalg.matrix_power(Abar, L))).squeeze(-2)  # (H, M)
-        k = torch.arange(L, device=lam.device, dtype=torch.float32)
+        k = torch.arange(L, device=lam.device, dtype=dt.dtype)
         z = torch.exp(torch.complex(torch.zeros_like(k), -2 * math.pi * k / L))  # (L,)
         u = (dt[:, None] / 2) * (1 + z)  # (H, L)
         Dz = (1 - z)[None, :, None] - u.unsqueeze(-1) * lam.unsqueeze(1)  # (H, L, M), never 0
@@ -120,15 +121,17 @@ class DPLRKernel(nn.Module):
     def forward(self, x: torch.Tensor, kernel: str) -> torch.Tensor:  # x [B, H, T]
         with torch.autocast(x.device.type, enabled=False):
             K = self.conv_kernel(x.shape[-1])
-            y = causal_conv(x.float(), K, kernel) + self.D.float()[:, None] * x.float()
+            xw = x.to(K.dtype)
+            y = causal_conv(xw, K, kernel) + self.D[:, None] * xw
         return y.to(x.dtype)
 
     def step(self, x_t: torch.Tensor, s: torch.Tensor):  # x_t [B, H], s [B, H, M] complex
         with torch.autocast(x_t.device.type, enabled=False):
             Abar, Bbar = self.dense()
             _, _, _, _, C = self.params()
-            s = torch.einsum("hmn,bhn->bhm", Abar, s) + Bbar * x_t.float().unsqueeze(-1)
-            y = 2 * (s * C).sum(-1).real + self.D.float() * x_t.float()
+            xw = x_t.to(self.D.dtype)
+            s = torch.einsum("hmn,bhn->bhm", Abar, s) + Bbar * xw.unsqueeze(-1)
+            y = 2 * (s * C).sum(-1).real + self.D * xw
         return y.to(x_t.dtype), s
 
 
@@ -172,7 +175,9 @@ class S4Backbone(nn.Module):
 
     def init_state(self, batch: int, device=None):
         shape = (batch, self.d_model, self.d_state // 2)
-        return [torch.zeros(shape, dtype=torch.complex64, device=device) for _ in self.layers]
+        # complex state in the SSM parameters' precision (complex128 for fp64 models)
+        cdtype = torch.complex128 if self.layers[0].ssm.D.dtype == torch.float64 else torch.complex64
+        return [torch.zeros(shape, dtype=cdtype, device=device) for _ in self.layers]
 
     def step(self, x_t: torch.Tensor, state):  # [B, d_input] -> [B, d_model]
         h = self.in_proj(x_t)

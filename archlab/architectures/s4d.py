@@ -84,13 +84,14 @@ def hippo_legs_nplr_half(N: int):
 def causal_conv(u: torch.Tensor, K: torch.Tensor, kernel: str) -> torch.Tensor:
     """y_t = sum_{s<=t} K_{t-s} u_s per channel; u [B, H, T], K [H, T] -> [B, H, T]."""
     T = u.shape[-1]
+    K = K.to(u.dtype)  # callers pass fp32 (fp64 in fp64 tests)
     if kernel == "fft":
         n = 2 * T  # zero-pad to 2T so the circular convolution is linear
-        yf = torch.fft.rfft(u.float(), n=n) * torch.fft.rfft(K.float(), n=n)
-        return torch.fft.irfft(yf, n=n)[..., :T].to(u.dtype)
+        yf = torch.fft.rfft(u, n=n) * torch.fft.rfft(K, n=n)
+        return torch.fft.irfft(yf, n=n)[..., :T]
     if kernel == "direct":
         # left pad T-1: output t sees inputs t-T+1..t; flip because conv1d correlates
-        return F.conv1d(F.pad(u, (T - 1, 0)), K.flip(-1).unsqueeze(1).to(u.dtype), groups=K.shape[0])
+        return F.conv1d(F.pad(u, (T - 1, 0)), K.flip(-1).unsqueeze(1), groups=K.shape[0])
     raise ValueError(f"model.kernel: expected one of auto, {', '.join(KERNELS)}; found {kernel!r}")
 
 
@@ -124,32 +125,34 @@ class S4DKernel(nn.Module):
             p._no_weight_decay = True
 
     def discrete(self):
-        """(dtA [H, N/2], Bbar [H, N/2], C [H, N/2]) complex, computed in fp32."""
-        dt = torch.exp(self.log_dt.float())
-        A = torch.complex(-torch.exp(self.log_A_real.float()), self.A_imag.float())
+        """(dtA [H, N/2], Bbar [H, N/2], C [H, N/2]) complex, in the parameters' precision
+        (fp32 under autocast too: parameters stay fp32 and autocast is off here)."""
+        dt = torch.exp(self.log_dt)
+        A = torch.complex(-torch.exp(self.log_A_real), self.A_imag)
         dtA = dt[:, None] * A
-        Bbar = (torch.exp(dtA) - 1.0) / A * torch.view_as_complex(self.B.float())
-        return dtA, Bbar, torch.view_as_complex(self.C.float())
+        Bbar = (torch.exp(dtA) - 1.0) / A * torch.view_as_complex(self.B)
+        return dtA, Bbar, torch.view_as_complex(self.C)
 
     def conv_kernel(self, T: int) -> torch.Tensor:
         """K [H, T] real: K_l = 2 Re(sum_n C_n Bbar_n exp(dtA_n l))."""
         dtA, Bbar, C = self.discrete()
-        l = torch.arange(T, device=dtA.device, dtype=torch.float32)
+        l = torch.arange(T, device=dtA.device, dtype=self.log_dt.dtype)
         vander = torch.exp(dtA.unsqueeze(-1) * l)  # (H, N/2, T)
         return 2 * torch.einsum("hn,hnl->hl", C * Bbar, vander).real
 
     def forward(self, u: torch.Tensor, kernel: str) -> torch.Tensor:  # u [B, H, T]
         with torch.autocast(u.device.type, enabled=False):
             K = self.conv_kernel(u.shape[-1])
-            y = causal_conv(u.float(), K, kernel)
-            y = y + self.D.float()[:, None] * u.float()
+            uw = u.to(K.dtype)
+            y = causal_conv(uw, K, kernel) + self.D[:, None] * uw
         return y.to(u.dtype)
 
     def step(self, u_t: torch.Tensor, s: torch.Tensor):  # u_t [B, H], s [B, H, N/2] complex
         with torch.autocast(u_t.device.type, enabled=False):
             dtA, Bbar, C = self.discrete()
-            s = torch.exp(dtA) * s + Bbar * u_t.float().unsqueeze(-1)
-            y = 2 * (s * C).sum(-1).real + self.D.float() * u_t.float()
+            uw = u_t.to(self.D.dtype)
+            s = torch.exp(dtA) * s + Bbar * uw.unsqueeze(-1)
+            y = 2 * (s * C).sum(-1).real + self.D * uw
         return y.to(u_t.dtype), s
 
 
@@ -193,7 +196,9 @@ class S4DBackbone(nn.Module):
 
     def init_state(self, batch: int, device=None):
         shape = (batch, self.d_model, self.d_state // 2)
-        return [torch.zeros(shape, dtype=torch.complex64, device=device) for _ in self.layers]
+        # complex state in the SSM parameters' precision (complex128 for fp64 models)
+        cdtype = torch.complex128 if self.layers[0].ssm.D.dtype == torch.float64 else torch.complex64
+        return [torch.zeros(shape, dtype=cdtype, device=device) for _ in self.layers]
 
     def step(self, x_t: torch.Tensor, state):  # [B, d_input] -> [B, d_model]
         h = self.in_proj(x_t)
