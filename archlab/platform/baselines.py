@@ -140,6 +140,8 @@ def evaluate_baselines(
     the global mean and the nearest-neighbour index."""
     if context < 1:
         raise ValueError(f"context must be >= 1, found {context}")
+    if not any(len(d) > context for d in valid_docs):
+        raise ValueError(f"baselines: no valid document has more than context={context} vectors (no windows)")
     dims = {np.asarray(d).shape[-1] for d in list(train_docs) + list(valid_docs) if len(d)}
     if len(dims) != 1:
         raise ValueError(f"baselines: all vectors must share one dim, found dims {sorted(dims)}")
@@ -158,8 +160,6 @@ def evaluate_baselines(
             metrics[name].update(p, t)
             if cands is not None:
                 hits[name] += int(retrieval_hits(p, t, cands, dtype=torch.float32).sum())
-    if n_windows == 0:
-        raise ValueError(f"baselines: no valid document has more than context={context} vectors")
     out = {}
     for name in BASELINES:
         m = metrics[name].compute()
