@@ -127,7 +127,9 @@ class IndRNNBackbone(nn.Module):
         return x
 
     def init_state(self, batch: int, device=None):
-        return [torch.zeros(batch, self.d_model, device=device) for _ in self.layers]
+        p = self.layers[0].inp.weight  # zeros in the parameters' dtype (fp64 tests, bf16 models)
+        return [torch.zeros(batch, self.d_model, device=device or p.device, dtype=p.dtype)
+                for _ in self.layers]
 
     def step(self, x_t: torch.Tensor, state):
         """x_t [B, d_input] -> (y_t [B, d_model], state); equals forward() position by position."""

@@ -89,15 +89,16 @@ class CausalLinformerAttention(nn.Module):
         qb, kb, vb = (t.reshape(B, self.n_heads, nb, L, self.d_head) for t in (q, k, v))  # (B, H, nb, L, dh)
         Eb = F.pad(self.E[:, :T], (0, pad)).reshape(r, nb, L).transpose(0, 1)  # (nb, r, L)
         Fb = F.pad(self.F[:, :T], (0, pad)).reshape(r, nb, L).transpose(0, 1)
-        # per-block compressed rows, then an exclusive prefix sum over blocks, in fp32 so
-        # long prefixes do not lose precision under bf16 autocast
-        pk = torch.einsum("nrl,bhnld->bhnrd", Eb.float(), kb.float())  # (B, H, nb, r, dh)
-        pv = torch.einsum("nrl,bhnld->bhnrd", Fb.float(), vb.float())
+        # per-block compressed rows, then an exclusive prefix sum over blocks, in at least
+        # fp32 so long prefixes do not lose precision under bf16 autocast
+        acc = torch.promote_types(q.dtype, torch.float32)
+        pk = torch.einsum("nrl,bhnld->bhnrd", Eb.to(acc), kb.to(acc))  # (B, H, nb, r, dh)
+        pv = torch.einsum("nrl,bhnld->bhnrd", Fb.to(acc), vb.to(acc))
         # exclusive by shifting, not cumsum - pk: the subtraction would round with block n's
         # own (partly future) keys and leak them into earlier positions at the last bit
         ck = F.pad(torch.cumsum(pk, dim=2)[:, :, :-1], (0, 0, 0, 0, 1, 0))  # blocks strictly before n
         cv = F.pad(torch.cumsum(pv, dim=2)[:, :, :-1], (0, 0, 0, 0, 1, 0))
-        s = torch.arange(nb, device=x.device, dtype=torch.float32) * L  # prefix length per block
+        s = torch.arange(nb, device=x.device, dtype=acc) * L  # prefix length per block
         scale = s.clamp(min=1).rsqrt().view(1, 1, nb, 1, 1)
         ck, cv = (ck * scale).to(q.dtype), (cv * scale).to(q.dtype)
 
@@ -114,7 +115,9 @@ class CausalLinformerAttention(nn.Module):
         return self._merge(y)
 
     def init_state(self, batch: int, device=None):
-        z = torch.zeros(batch, self.n_heads, self.k, self.d_head, device=device)
+        # running sums in at least fp32, like the forward's prefix sums
+        acc = torch.promote_types(self.E.dtype, torch.float32)
+        z = torch.zeros(batch, self.n_heads, self.k, self.d_head, device=device or self.E.device, dtype=acc)
         # running (unscaled) compressed sums of completed blocks + the current block's k, v
         return {"ck": z, "cv": z.clone(), "lk": None, "lv": None}
 
@@ -135,8 +138,9 @@ class CausalLinformerAttention(nn.Module):
         st = dict(st, lk=lk, lv=lv)
         if i == self.L - 1:  # block complete: fold it into the compressed past
             cols = slice(n * self.L, (n + 1) * self.L)
-            st["ck"] = st["ck"] + torch.einsum("rl,bhld->bhrd", self.E[:, cols].float(), lk.float())
-            st["cv"] = st["cv"] + torch.einsum("rl,bhld->bhrd", self.F[:, cols].float(), lv.float())
+            acc = st["ck"].dtype
+            st["ck"] = st["ck"] + torch.einsum("rl,bhld->bhrd", self.E[:, cols].to(acc), lk.to(acc))
+            st["cv"] = st["cv"] + torch.einsum("rl,bhld->bhrd", self.F[:, cols].to(acc), lv.to(acc))
             st["lk"] = st["lv"] = None
         return self._merge(y).squeeze(1), st
 

@@ -105,9 +105,10 @@ class QRNNBackbone(nn.Module):
         return x
 
     def init_state(self, batch: int, device=None):
+        p = self.layers[0].proj.weight  # zeros in the parameters' dtype (fp64 tests, bf16 models)
+        kw = dict(device=device or p.device, dtype=p.dtype)
         return [
-            (torch.zeros(batch, layer.d_in, device=device),
-             torch.zeros(batch, self.d_model, device=device))
+            (torch.zeros(batch, layer.d_in, **kw), torch.zeros(batch, self.d_model, **kw))
             for layer in self.layers
         ]
 
