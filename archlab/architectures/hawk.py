@@ -88,7 +88,9 @@ class RGLRU(nn.Module):
         u = torch.empty(width).uniform_(0.9, 0.999)
         a = u.pow(1.0 / c)
         self.a_logit = nn.Parameter(torch.log(a) - torch.log1p(-a))
-        self.a_logit._no_weight_decay = True  # a decay parameter, like Mamba's A_log
+        # marker (mamba's convention) for an optimizer that keeps weight decay off decay
+        # rates; platform/train.py's AdamW does not read it yet and decays every parameter
+        self.a_logit._no_weight_decay = True
 
     def coefficients(self, x: torch.Tensor):
         """(a_t, b_t) of h_t = a_t h_{t-1} + b_t, fp32 whatever the autocast dtype."""
