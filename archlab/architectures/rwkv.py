@@ -39,7 +39,7 @@ class Config:
     d_model: int = 512
     n_layers: int = 6
     head_size: int = 64  # K = V per head; n_heads = d_model / head_size
-    d_ff: int = 1792  # channel-mix width (RWKV-6: 3.5 d_model)
+    d_ff: int = 0  # channel-mix width; 0 = RWKV-6's 3.5 d_model (rounded down to a multiple of 32)
     mix_lora: int = 32  # rank of the token-shift LoRA (5 of them)
     decay_lora: int = 64  # rank of the decay LoRA
     chunk_size: int = 16
@@ -47,12 +47,12 @@ class Config:
 
 
 FLAVORS = {
-    "debug": Config(d_model=32, n_layers=2, head_size=8, d_ff=112, mix_lora=8, decay_lora=8, chunk_size=16),
-    "seed": Config(d_model=512, n_layers=6, head_size=64, d_ff=1792, mix_lora=32, decay_lora=64),
+    "debug": Config(d_model=32, n_layers=2, head_size=8, mix_lora=8, decay_lora=8, chunk_size=16),
+    "seed": Config(d_model=512, n_layers=6, head_size=64, mix_lora=32, decay_lora=64),
 }
 
 # exact count of build_model("rwkv", "vector", FLAVORS[f], d_in=768); tests check it
-PARAM_COUNTS = {"debug": 83872, "seed": 22662400}
+PARAM_COUNTS = {"debug": 81824, "seed": 22662400}
 
 KERNELS = ("chunked", "sequential", "fla")
 
@@ -210,9 +210,10 @@ class ChannelMix(nn.Module):
         ddd = torch.arange(C, dtype=torch.float32) / C
         self.mu_k = nn.Parameter(1.0 - ddd ** r1)
         self.mu_r = nn.Parameter(1.0 - ddd ** r1)
-        self.key = nn.Linear(C, cfg.d_ff, bias=False)
+        d_ff = cfg.d_ff or max(int(3.5 * C) // 32 * 32, 32)
+        self.key = nn.Linear(C, d_ff, bias=False)
         self.receptance = nn.Linear(C, C, bias=False)
-        self.value = nn.Linear(cfg.d_ff, C, bias=False)
+        self.value = nn.Linear(d_ff, C, bias=False)
 
     def forward(self, x: torch.Tensor, last=None):  # x [B, T, C]
         sx = _shift(x, last) - x
