@@ -88,7 +88,7 @@ def split_documents(text: str, docs: str = "paragraph") -> list[str]:
     if pattern is not None:
         return _cut_at(text, pattern)
     if docs == "paragraph":
-        parts = re.split(r"\n[ \t]*\n", text)
+        parts = re.split(r"\n(?:[ \t]*\n)+", text)  # one or more blank lines
     elif docs == "line":
         parts = text.split("\n")
     elif docs == "file":

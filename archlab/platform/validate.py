@@ -268,3 +268,20 @@ def validate_dataset(root, *, split: str, kind: str, dim: int | None = None, voc
     if on_bad_rows == "error":
         rep.skipped = {}  # nothing was skipped: an error would have been raised
     return rep
+
+
+def mlflow_dataset(root):
+    """An MLflow dataset for `mlflow.log_input(ds, context=split)`: its digest is the
+    dataset id (the manifest's content hash), its source the dataset folder or URI, so a
+    run and a registered model version point at the exact data they were trained on."""
+    import warnings
+
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    manifest = load_manifest(root)
+    with warnings.catch_warnings():
+        # A local path matches two equivalent source classes; MLflow warns and picks one.
+        warnings.simplefilter("ignore", UserWarning)
+        source = resolve_dataset_source(str(Path(root).resolve()))
+    return MetaDataset(source, name=manifest.get("name", Path(root).name), digest=dataset_id(manifest))
