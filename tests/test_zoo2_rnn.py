@@ -314,3 +314,27 @@ def test_config_errors_name_the_field():
         griffin.build(dataclasses.replace(griffin.FLAVORS["debug"], pattern=["mamba"]), 8)
     with pytest.raises(ValueError, match="model.rnn_heads"):
         hawk.build(dataclasses.replace(hawk.FLAVORS["debug"], rnn_heads=5), 8)
+
+
+BF16_CASES = [pytest.param(m, f, id=f"{m.__name__.rsplit('.', 1)[-1]}-{f}")
+              for m in (min_gru, min_lstm, hawk, griffin) for f in ("debug",)]
+BF16_CASES += [pytest.param(elman, f, id=f"elman-{f}") for f in ("orthogonal", "compete")]
+
+
+@pytest.mark.parametrize("mod,flavor", BF16_CASES)
+def test_bf16_autocast_tiny(mod, flavor):
+    """bf16 autocast (tiny: bf16 matmuls are ~500x slower on this CPU) stays within bf16
+    rounding of fp32 and every parameter gets a finite gradient."""
+    from archlab.architectures import build_model
+
+    name = mod.__name__.rsplit(".", 1)[-1]
+    model = build_model(name, "token", mod.FLAVORS[flavor], vocab_size=256)
+    tokens = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ref = model(tokens)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(tokens)
+    F.cross_entropy(logits.float().flatten(0, 1), tokens.flatten()).backward()
+    assert_close("bf16 logits", ref, logits.float(), 3e-2)
+    bad = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not bad, f"parameters without a finite gradient under bf16: {bad}"
