@@ -17,12 +17,14 @@ import importlib
 from typing import Any
 
 
-def load_space(arch: str, smoke: bool = False) -> dict[str, dict[str, Any]]:
+def load_space(arch: str, smoke: bool = False, overrides: dict[str, dict[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
+    """The arch's space (SMOKE when smoke), with entries replaced by `overrides`
+    (config `sweep.space_overrides.<arch>`)."""
     from archlab.architectures.registry import get_spec
 
     get_spec(arch)  # unknown names list the known ones
     mod = importlib.import_module(f"archlab.search_spaces.{arch}")
-    space = mod.SMOKE if smoke else mod.SPACE
+    space = {**(mod.SMOKE if smoke else mod.SPACE), **(overrides or {})}
     for key, spec in space.items():
         if not key.startswith(("model.", "train.")):
             raise ValueError(f"search_spaces/{arch}.py: key {key!r} must start with 'model.' or 'train.'")

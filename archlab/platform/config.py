@@ -1,0 +1,212 @@
+"""Settings: a YAML file validated by pydantic, with `--set key=value` overrides.
+
+    archlab sweep --config my.yaml --set train.lr=1e-3 --set model.d_model=64
+
+Every field has a default, so an empty file (or none) is a valid config that trains on the
+shipped sample. `model.<anything else>` is an architecture field and lands in
+`model.params` (validated against that architecture's Config when the model is built).
+The resolved config round-trips through JSON: it goes into Tune, Optuna and MLflow as data.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+REPO_SAMPLE = Path(__file__).resolve().parents[2] / "data" / "wikitext2-minilm384-sample"
+
+
+class ConfigError(ValueError):
+    """A malformed config: names the file and field, expected and found."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Strict):
+    # A dataset folder with manifest.json (see archlab/platform/shards.py); None = the sample.
+    path: str = str(REPO_SAMPLE)
+    train_split: str = "train"
+    valid_split: str = "valid"
+    # vector task: windows of context + 1 vectors; the model predicts at every position
+    context: int = Field(5, ge=1)
+    # token task: windows of seq_len + 1 tokens, documents packed with `separator`
+    seq_len: int = Field(128, ge=2)
+    separator: int | None = None  # None: the dataset's own (manifest) or 0
+    stride: int = Field(1, ge=1)  # step between training windows inside a document
+    shuffle_buffer: int = Field(2000, ge=0)  # bounded local shuffle, in windows
+    on_bad_rows: Literal["error", "skip"] = "error"
+    # expectations checked against the data before any worker starts (None = take the data's)
+    dim: int | None = Field(None, ge=1)
+    vocab_size: int | None = Field(None, ge=2)
+    max_valid_windows: int = Field(0, ge=0)  # 0 = all
+
+    @field_validator("path", mode="before")
+    @classmethod
+    def _default_path(cls, v: Any) -> Any:
+        return str(REPO_SAMPLE) if v is None else str(Path(v).expanduser())
+
+
+class ModelConfig(BaseModel):
+    model_config = ConfigDict(extra="allow")  # extras are architecture fields -> params
+    arch: str = "lstm"
+    flavor: str = "debug"
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    def arch_overrides(self) -> dict[str, Any]:
+        return {**self.params, **(self.model_extra or {})}
+
+
+class TrainConfig(_Strict):
+    task: Literal["vector", "token"] = "vector"
+    epochs: int = Field(4, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(5e-4, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    grad_clip: float = Field(1.0, ge=0)  # 0 = off
+    grad_accum: int = Field(1, ge=1)
+    loss: str = "mse"
+    scheduler: Literal["plateau", "none"] = "plateau"
+    plateau_patience: int = Field(3, ge=0)
+    plateau_factor: float = Field(0.5, gt=0, lt=1)
+    num_workers: int = Field(2, ge=1)
+    cpus_per_worker: float = Field(1.0, gt=0)
+    use_gpu: bool | None = None  # None: use GPUs when the cluster has them
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    max_steps_per_epoch: int = Field(0, ge=0)  # 0 = the whole shard
+    max_failures: int = Field(1, ge=0)
+    seed: int = 0
+    # fault injection for restart tests: raise once at this epoch unless resumed (-1 = off)
+    fail_once_at_epoch: int = -1
+
+
+class SweepConfig(_Strict):
+    name: str = "archlab"
+    archs: list[str] = Field(default_factory=lambda: ["lstm", "transformer"])
+    num_samples: int = Field(8, ge=1)
+    max_concurrent: int = Field(0, ge=0)  # 0 = derived from the cluster's CPUs/GPUs
+    grace_period: int = Field(1, ge=1)  # ASHA, in epochs
+    reduction_factor: int = Field(2, ge=2)
+    storage_path: str | None = None  # None: ./archlab_runs (local); cluster: shared storage
+    seed: int = 0
+    # per-arch replacements of search-space entries, e.g. {lstm: {model.d_model: {choices: [128]}}}
+    space_overrides: dict[str, dict[str, dict[str, Any]]] = Field(default_factory=dict)
+
+    @field_validator("archs")
+    @classmethod
+    def _nonempty(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("at least one architecture is needed")
+        return v
+
+
+class TrackingConfig(_Strict):
+    uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db
+    experiment: str | None = None  # None: the sweep name
+    register_models: bool = True
+    registry_prefix: str = "archlab"
+
+
+class RayConfig(_Strict):
+    address: str | None = None  # None: $RAY_ADDRESS, else a local Ray
+    num_cpus: int | None = None  # local Ray only; None: logical CPUs (see runtime.py)
+
+
+class ArchlabConfig(_Strict):
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    sweep: SweepConfig = Field(default_factory=SweepConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    smoke_test: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(self.model_dump_json())
+
+    def metric(self) -> tuple[str, str]:
+        """The sweep's objective: the seed protocol's cosine for vectors, loss for tokens."""
+        return ("val_cosine_seed", "max") if self.train.task == "vector" else ("val_loss", "min")
+
+
+def _parse_value(raw: str) -> Any:
+    # YAML scalars: 1e-3 -> float, true -> bool, [a, b] -> list; anything else stays a string
+    import yaml
+
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. train.lr=1e-3")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = data
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {key}: {p!r} is a value, not a section")
+        node[parts[-1]] = _parse_value(raw)
+    return data
+
+
+SMOKE = {
+    "model": {"flavor": "debug"},
+    "train": {"epochs": 2, "max_steps_per_epoch": 12, "batch_size": 16},
+    "data": {"max_valid_windows": 256, "shuffle_buffer": 256},
+    "sweep": {"num_samples": 4},
+}
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(
+    path: str | os.PathLike | None = None,
+    overrides: list[str] | None = None,
+    smoke_test: bool = False,
+) -> ArchlabConfig:
+    """Defaults <- smoke settings (if --smoke-test) <- YAML file <- --set overrides."""
+    import yaml
+
+    data: dict[str, Any] = {}
+    if smoke_test:
+        data = _merge(data, SMOKE)
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"{p}: config file not found")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML ({e})") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: expected a mapping at the top level, found {type(loaded).__name__}")
+        data = _merge(data, loaded)
+    data = apply_overrides(data, list(overrides or []))
+    if smoke_test:
+        data["smoke_test"] = True
+    try:
+        return ArchlabConfig.model_validate(data)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            field = ".".join(str(x) for x in err["loc"])
+            found = err.get("input")
+            lines.append(f"  {field}: {err['msg']} (found {found!r})")
+        raise ConfigError(f"{source}: invalid config\n" + "\n".join(lines)) from None

@@ -1,0 +1,244 @@
+"""Training input: canonical shards -> Ray Data windows -> per-worker torch batches.
+
+Driver side (`inspect_dataset`): the manifest and every shard footer are checked against
+the task and the model before any worker starts. Workers side: each worker streams its
+equal share with `get_dataset_shard(...).iter_torch_batches`.
+
+Windows are cut on the fly inside `map_batches`:
+- vector: every run of context + 1 consecutive vectors inside one document (stride
+  `data.stride`), as x [n, context + 1, D] float32;
+- token: documents of a batch concatenated with a separator between them (packing), cut
+  into non-overlapping runs of seq_len + 1 tokens, as x [n, seq_len + 1] int64.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from archlab.platform.config import ArchlabConfig
+from archlab.platform.shards import DataError, dataset_id, load_manifest, read_shard_meta, split_files
+
+log = logging.getLogger("archlab")
+
+
+@dataclass
+class DatasetInfo:
+    root: str
+    kind: str  # "vector" | "token"
+    dataset_id: str
+    name: str
+    dim: int | None
+    vocab_size: int | None
+    separator: int
+    files: dict[str, list[str]]  # split -> shard paths
+    manifest: dict[str, Any] = field(repr=False, default_factory=dict)
+    tokens_per_byte: float = 1.0  # for bits-per-byte of non-byte tokenizers
+
+
+def inspect_dataset(cfg: ArchlabConfig) -> DatasetInfo:
+    """Refuse a dataset that cannot feed this config, naming the file and field.
+
+    Runs on the driver before any Ray worker starts. Row-level checks (NaN, zero vectors,
+    short documents, token ids out of range) run through archlab.platform.validate."""
+    root = Path(cfg.data.path)
+    manifest = load_manifest(root)
+    task = cfg.train.task
+    if manifest.get("kind") != task:
+        raise DataError(
+            f"{root / 'manifest.json'}: kind expected {task!r} (train.task), found {manifest.get('kind')!r}"
+        )
+    files = {s: split_files(root, manifest, s) for s in (cfg.data.train_split, cfg.data.valid_split)}
+    for split, paths in files.items():
+        if not paths:
+            raise DataError(f"{root / 'manifest.json'}: split {split!r} lists no shards")
+        for p in paths:
+            meta = read_shard_meta(p)  # unreadable / truncated / foreign files name themselves
+            if meta.kind != task:
+                raise DataError(f"{p}: kind expected {task!r}, found {meta.kind!r}")
+            if task == "vector" and meta.dim != manifest.get("dim"):
+                raise DataError(f"{p}: dim expected {manifest.get('dim')} (manifest), found {meta.dim}")
+            if task == "token" and meta.vocab_size != manifest.get("vocab_size"):
+                raise DataError(
+                    f"{p}: vocab_size expected {manifest.get('vocab_size')} (manifest), found {meta.vocab_size}"
+                )
+    dim, vocab = manifest.get("dim"), manifest.get("vocab_size")
+    first = files[cfg.data.train_split][0]
+    if task == "vector" and cfg.data.dim is not None and dim != cfg.data.dim:
+        raise DataError(f"{first}: vector dim expected {cfg.data.dim} (config data.dim), found {dim}")
+    if task == "token" and cfg.data.vocab_size is not None and vocab != cfg.data.vocab_size:
+        raise DataError(
+            f"{first}: vocab_size expected {cfg.data.vocab_size} (config data.vocab_size), found {vocab}"
+        )
+    separator = cfg.data.separator
+    if separator is None:
+        separator = int(manifest.get("separator_id", 0) or 0)
+    if task == "token" and not (0 <= separator < (vocab or 0)):
+        raise DataError(f"data.separator={separator}: expected a token id in [0, {vocab})")
+    _validate_rows(cfg, root, dim, vocab)
+    return DatasetInfo(
+        root=str(root),
+        kind=task,
+        dataset_id=dataset_id(manifest),
+        name=manifest.get("name", root.name),
+        dim=dim,
+        vocab_size=vocab,
+        separator=separator,
+        files=files,
+        manifest=manifest,
+        tokens_per_byte=float(manifest.get("tokens_per_byte", 1.0) or 1.0),
+    )
+
+
+def _validate_rows(cfg: ArchlabConfig, root: Path, dim, vocab) -> None:
+    try:
+        from archlab.platform.validate import validate_dataset
+    except ImportError:  # pragma: no cover - the validator ships with the package
+        return
+    min_len = cfg.data.context + 1 if cfg.train.task == "vector" else 1
+    for split in (cfg.data.train_split, cfg.data.valid_split):
+        report = validate_dataset(
+            root, split=split, kind=cfg.train.task, dim=dim, vocab_size=vocab,
+            min_len=min_len, on_bad_rows=cfg.data.on_bad_rows,
+        )
+        if getattr(report, "rows_bad", 0):
+            log.warning("%s/%s: skipping %d bad rows: %s", root, split, report.rows_bad, report.skipped)
+
+
+# ---- window cutting (runs inside Ray Data tasks; pure numpy so it is testable alone) ----
+
+
+def _doc_vectors(table, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """pyarrow table with `vectors` -> (flat [N, dim] float32, offsets [docs + 1])."""
+    col = table.column("vectors").combine_chunks()
+    offsets = col.offsets.to_numpy()
+    flat = col.values.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
+    # sliced list arrays keep absolute offsets into the child array
+    return flat.astype(np.float32, copy=False), offsets
+
+
+def vector_windows(table, *, dim: int, length: int, stride: int = 1, row_mask=None) -> dict[str, np.ndarray]:
+    """Every window of `length` consecutive vectors inside one document -> x [n, length, dim]."""
+    flat, offsets = _doc_vectors(table, dim)
+    starts = []
+    for i in range(len(offsets) - 1):
+        if row_mask is not None and not row_mask[i]:
+            continue
+        a, b = int(offsets[i]), int(offsets[i + 1])
+        if b - a >= length:
+            starts.append(np.arange(a, b - length + 1, stride))
+    if not starts:
+        return {"x": np.zeros((0, length, dim), np.float32)}
+    s = np.concatenate(starts)
+    idx = s[:, None] + np.arange(length)[None, :]  # (n, length)
+    return {"x": flat[idx]}  # (n, length, dim)
+
+
+def token_windows(table, *, length: int, separator: int, row_mask=None) -> dict[str, np.ndarray]:
+    """Pack the batch's documents (separator between them) and cut runs of `length` tokens."""
+    col = table.column("tokens").combine_chunks()
+    offsets = col.offsets.to_numpy()
+    values = col.values.to_numpy(zero_copy_only=False).astype(np.int64)
+    pieces = []
+    for i in range(len(offsets) - 1):
+        if row_mask is not None and not row_mask[i]:
+            continue
+        pieces.append(values[offsets[i]: offsets[i + 1]])
+        pieces.append(np.array([separator], np.int64))
+    if not pieces:
+        return {"x": np.zeros((0, length), np.int64)}
+    stream = np.concatenate(pieces)
+    n = len(stream) // length  # the batch's tail (< length tokens) is dropped
+    return {"x": stream[: n * length].reshape(n, length)}
+
+
+def _row_mask(table, cfg_dict: dict, info_dim, info_vocab):
+    """Rows to keep under on_bad_rows=skip (None = keep all, the validator already passed)."""
+    if cfg_dict["data"]["on_bad_rows"] != "skip":
+        return None
+    from archlab.platform.validate import check_rows
+
+    kind = cfg_dict["train"]["task"]
+    col = "vectors" if kind == "vector" else "tokens"
+    arr = table.column(col).combine_chunks()
+    if kind == "vector":
+        flat, offsets = _doc_vectors(table, info_dim)
+        rows = np.empty(len(offsets) - 1, dtype=object)
+        for i in range(len(rows)):
+            rows[i] = flat[offsets[i]: offsets[i + 1]]
+    else:
+        rows = np.empty(len(arr), dtype=object)
+        for i, r in enumerate(arr.to_numpy(zero_copy_only=False)):
+            rows[i] = np.asarray(r)
+    min_len = cfg_dict["data"]["context"] + 1 if kind == "vector" else 1
+    return check_rows({col: rows}, kind=kind, dim=info_dim, vocab_size=info_vocab, min_len=min_len)
+
+
+class WindowCutter:
+    """Callable for map_batches(batch_format="pyarrow")."""
+
+    def __init__(self, cfg_dict: dict, dim: int | None, vocab: int | None, separator: int, stride: int):
+        self.cfg = cfg_dict
+        self.dim, self.vocab, self.sep, self.stride = dim, vocab, separator, stride
+
+    def __call__(self, table):
+        mask = _row_mask(table, self.cfg, self.dim, self.vocab)
+        if self.cfg["train"]["task"] == "vector":
+            length = self.cfg["data"]["context"] + 1
+            return vector_windows(table, dim=self.dim, length=length, stride=self.stride, row_mask=mask)
+        length = self.cfg["data"]["seq_len"] + 1
+        return token_windows(table, length=length, separator=self.sep, row_mask=mask)
+
+
+def make_ray_datasets(cfg: ArchlabConfig, info: DatasetInfo) -> dict[str, Any]:
+    """{"train": streaming windows, "valid": windows materialised once (cached)}."""
+    import ray.data
+
+    cfg_dict = cfg.to_dict()
+    col = "vectors" if info.kind == "vector" else "tokens"
+
+    def windows(files: list[str], stride: int):
+        ds = ray.data.read_parquet(files).select_columns([col])
+        return ds.map_batches(
+            WindowCutter(cfg_dict, info.dim, info.vocab_size, info.separator, stride),
+            batch_format="pyarrow",
+            batch_size=64,  # documents per task batch
+        )
+
+    train = windows(info.files[cfg.data.train_split], cfg.data.stride).randomize_block_order(seed=cfg.train.seed)
+    valid = windows(info.files[cfg.data.valid_split], 1)
+    if cfg.data.max_valid_windows:
+        valid = valid.limit(cfg.data.max_valid_windows)
+    # The validation windows are read once on the driver side and kept in the object
+    # store: every epoch's evaluation iterates the cached blocks, not the files.
+    valid = valid.materialize()
+    if valid.count() == 0:
+        raise DataError(
+            f"{info.root}: split {cfg.data.valid_split!r} yields no windows of "
+            f"{cfg.data.context + 1 if info.kind == 'vector' else cfg.data.seq_len + 1} items"
+        )
+    return {"train": train, "valid": valid}
+
+
+def read_vector_docs(files: list[str], dim: int) -> list[np.ndarray]:
+    """Plain pyarrow read of vector shards -> one [n_i, dim] array per document (driver side,
+    for baselines and the champion comparison)."""
+    import pyarrow.parquet as pq
+
+    docs: list[np.ndarray] = []
+    for f in files:
+        table = pq.read_table(f, columns=["vectors"])
+        flat, offsets = _doc_vectors(table, dim)
+        docs.extend(flat[offsets[i]: offsets[i + 1]] for i in range(len(offsets) - 1))
+    return docs
+
+
+def materialized_windows(ds) -> np.ndarray:
+    """All windows of a (materialised) Ray dataset as one array, on the driver: baselines
+    and the champion comparison use exactly the windows the workers evaluate."""
+    parts = [b["x"] for b in ds.iter_batches(batch_format="numpy", batch_size=4096)]
+    return np.concatenate(parts) if parts else np.zeros((0,))

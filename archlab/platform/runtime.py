@@ -1,0 +1,119 @@
+"""Where things run and where results go: Ray, MLflow store, storage, precision."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from archlab.platform.config import ArchlabConfig, ConfigError
+
+log = logging.getLogger("archlab")
+
+
+def tracking_uri(cfg: ArchlabConfig) -> str:
+    """config > $MLFLOW_TRACKING_URI > a SQLite store under the working directory.
+
+    Relative sqlite paths are made absolute: Ray workers run in other directories."""
+    uri = cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
+    return uri
+
+
+def storage_path(cfg: ArchlabConfig) -> str:
+    """Checkpoints and Tune state. On a cluster it must be storage every node sees."""
+    path = cfg.sweep.storage_path or os.environ.get("ARCHLAB_STORAGE")
+    remote = bool(cfg.ray.address or os.environ.get("RAY_ADDRESS"))
+    if path is None:
+        path = str(Path("archlab_runs").resolve())
+    if "://" in path:
+        return path  # s3://, gs://, ... validated by pyarrow when Ray opens it
+    p = Path(path).resolve()
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        probe = p / ".archlab_write_probe"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"sweep.storage_path={p}: not writable ({e})") from None
+    if remote and cfg.sweep.storage_path is None and not os.environ.get("ARCHLAB_STORAGE"):
+        log.warning(
+            "RAY_ADDRESS is set but sweep.storage_path is not: checkpoints go to %s, which "
+            "must be shared storage (NFS) visible to every node, or use s3://...", p
+        )
+    return str(p)
+
+
+def init_ray(cfg: ArchlabConfig):
+    """Connect to $RAY_ADDRESS / ray.address, or start a local Ray with logical CPUs.
+
+    On 2 physical cores, 1-CPU workers plus Ray Data read tasks starve and hang, so a local
+    Ray gets at least 8 logical CPUs (STACK_NOTES). The dashboard stays on: without it the
+    first trainer's placement group was not released (STACK_NOTES)."""
+    import ray
+
+    if ray.is_initialized():
+        return ray
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    env = {"env_vars": {"PYTHONDONTWRITEBYTECODE": "1", "TOKENIZERS_PARALLELISM": "false"}}
+    if address:
+        ray.init(address=address, runtime_env=env, log_to_driver=True)
+    else:
+        num_cpus = cfg.ray.num_cpus or max(8, 2 * (os.cpu_count() or 2))
+        ray.init(num_cpus=num_cpus, include_dashboard=True, runtime_env=env)
+    return ray
+
+
+def choose_precision(requested: str, device) -> str:
+    """bf16 only where the device runs it natively; this class of CPU runs a bf16 matmul
+    ~500x slower than fp32 (STACK_NOTES), so 'auto' means fp32 there."""
+    import torch
+
+    if requested == "fp32":
+        return "fp32"
+    native = False
+    if device.type == "cuda":
+        native = torch.cuda.is_bf16_supported()
+    elif device.type == "cpu":
+        native = _cpu_has_native_bf16()
+    if requested == "bf16":
+        if not native:
+            log.warning("train.precision=bf16 requested on %s without native bf16: it will be slow", device)
+        return "bf16"
+    return "bf16" if native else "fp32"
+
+
+_NATIVE_BF16_CPU: bool | None = None
+
+
+def _cpu_has_native_bf16() -> bool:
+    """Native = the CPU reports a bf16 instruction set AND a bf16 matmul measures no slower
+    than 1.5x fp32. STACK_NOTES measured a machine where bf16 was ~500x slower; the flag
+    alone is not trusted, the measurement decides (it takes a few milliseconds)."""
+    global _NATIVE_BF16_CPU
+    if _NATIVE_BF16_CPU is not None:
+        return _NATIVE_BF16_CPU
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        flags = ""
+    if "avx512_bf16" not in flags and "amx_bf16" not in flags:
+        _NATIVE_BF16_CPU = False
+        return False
+    import time
+
+    import torch
+
+    def best(dtype) -> float:
+        a = torch.randn(256, 256).to(dtype)
+        a @ a
+        times = []
+        for _ in range(5):
+            t = time.perf_counter()
+            a @ a
+            times.append(time.perf_counter() - t)
+        return min(times)
+
+    _NATIVE_BF16_CPU = best(torch.bfloat16) <= 1.5 * best(torch.float32)
+    return _NATIVE_BF16_CPU

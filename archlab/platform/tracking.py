@@ -1,0 +1,223 @@
+"""MLflow: experiments, a parent run per sweep, one child run per trial, the registry.
+
+Rules (DESIGN.md):
+- one experiment per sweep name; a parent run per sweep; each trial is a child run made
+  with MlflowClient, named `trial-<trial_id>` and found again by its tag when the trial
+  restarts, so a restart never duplicates it;
+- params are flattened with dotted keys; what changes during a run (lr, epoch) is a metric;
+- the best trial per (architecture, task, dataset) is registered as a model version with
+  tags, and gets the `champion` alias only when it beats the current champion on the same
+  validation windows (both are evaluated here, side by side).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger("archlab")
+
+TAG_SWEEP = "archlab.sweep_id"
+TAG_ROLE = "archlab.role"
+TAG_TRIAL = "archlab.trial_id"
+TAG_ARCH = "archlab.arch"
+CHAMPION = "champion"
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    out: dict[str, str] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = json.dumps(v) if isinstance(v, (list, dict)) else str(v)
+    return out
+
+
+def client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(uri)
+
+
+def experiment_id(c, name: str) -> str:
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        if exp.lifecycle_stage == "deleted":
+            c.restore_experiment(exp.experiment_id)
+        return exp.experiment_id
+    return c.create_experiment(name)
+
+
+def _find_runs(c, exp_id: str, filter_string: str, max_results: int = 10):
+    return c.search_runs([exp_id], filter_string=filter_string, max_results=max_results,
+                         order_by=["attributes.start_time DESC"])
+
+
+def parent_run(c, exp_id: str, sweep_id: str, params: dict[str, Any]) -> str:
+    """The sweep's parent run, created once; a resumed sweep finds it by its tag."""
+    found = _find_runs(c, exp_id, f"tags.`{TAG_SWEEP}` = '{sweep_id}' and tags.`{TAG_ROLE}` = 'parent'", 1)
+    if found:
+        run_id = found[0].info.run_id
+        c.update_run(run_id, status="RUNNING")
+        return run_id
+    run = c.create_run(exp_id, run_name=sweep_id, tags={TAG_SWEEP: sweep_id, TAG_ROLE: "parent"})
+    log_params(c, run.info.run_id, params)
+    return run.info.run_id
+
+
+def child_run(c, exp_id: str, parent_id: str, sweep_id: str, trial_id: str, arch: str, params: dict) -> str:
+    """Exactly one child run per trial: a restarted trial gets its run back."""
+    found = _find_runs(
+        c, exp_id, f"tags.`{TAG_TRIAL}` = '{trial_id}' and tags.`mlflow.parentRunId` = '{parent_id}'", 1
+    )
+    if found:
+        run_id = found[0].info.run_id
+        c.update_run(run_id, status="RUNNING")
+        return run_id
+    run = c.create_run(
+        exp_id,
+        run_name=f"trial-{trial_id}",
+        tags={"mlflow.parentRunId": parent_id, TAG_TRIAL: trial_id, TAG_ARCH: arch,
+              TAG_SWEEP: sweep_id, TAG_ROLE: "trial"},
+    )
+    log_params(c, run.info.run_id, params)
+    return run.info.run_id
+
+
+def log_params(c, run_id: str, params: dict[str, Any]) -> None:
+    from mlflow.entities import Param
+
+    flat = flatten(params)
+    existing = c.get_run(run_id).data.params
+    todo = [Param(k, v[:6000]) for k, v in flat.items() if k not in existing]
+    for i in range(0, len(todo), 100):  # MLflow caps a batch at 100 params
+        c.log_batch(run_id, params=todo[i: i + 100])
+
+
+def log_metrics(c, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+    import time
+
+    from mlflow.entities import Metric
+
+    ts = int(time.time() * 1000)
+    c.log_batch(run_id, metrics=[Metric(k, float(v), ts, step) for k, v in metrics.items()])
+
+
+def log_model(uri: str, run_id: str, model, spec: dict[str, Any], example: np.ndarray) -> str:
+    """Log the model to the run (pickle format: every zoo model loads back, including the
+    ones torch.export cannot trace). Returns the model URI."""
+    import mlflow
+    import mlflow.pytorch
+
+    mlflow.set_tracking_uri(uri)
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pytorch.log_model(
+            model.eval(),
+            name="model",
+            input_example=example,
+            serialization_format="pickle",
+            metadata={"archlab": spec},
+            pip_requirements=["torch", "archlab"],
+        )
+    return info.model_uri
+
+
+@np.errstate(all="ignore")
+def evaluate_windows(model, windows: np.ndarray, task: str, batch: int = 512) -> float:
+    """The comparison metric on given windows: seed-protocol cosine (vector, higher is
+    better) or mean next-token loss (token, lower is better)."""
+    import torch
+    import torch.nn.functional as F
+
+    model.eval()
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(windows), batch):
+            x = torch.as_tensor(windows[i: i + batch])
+            if task == "vector":
+                pred = model(x[:, :-1].float())[:, -1]
+                total += float(F.cosine_similarity(pred, x[:, -1].float(), dim=-1).sum())
+                n += x.shape[0]
+            else:
+                logits = model(x[:, :-1].long())
+                total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
+                                               x[:, 1:].reshape(-1).long(), reduction="sum"))
+                n += x[:, 1:].numel()
+    return total / max(n, 1)
+
+
+def register_and_maybe_promote(
+    uri: str,
+    model_uri: str,
+    name: str,
+    *,
+    tags: dict[str, str],
+    candidate,
+    windows: np.ndarray,
+    task: str,
+) -> dict[str, Any]:
+    """Register `model_uri` as a new version of `name`; move `champion` to it only when it
+    beats the current champion on the same windows. Returns what was decided."""
+    import mlflow
+
+    c = client(uri)
+    mlflow.set_tracking_uri(uri)
+    try:
+        c.get_registered_model(name)
+    except Exception:
+        c.create_registered_model(name, description=f"archlab {tags.get('task')} models, architecture {tags.get('arch')}")
+    mv = c.create_model_version(name, model_uri, run_id=tags.get("run_id"), tags=tags)
+    higher = task == "vector"
+    new_score = evaluate_windows(candidate, windows, task)
+    decision = {"name": name, "version": mv.version, "score": new_score, "promoted": False}
+    try:
+        current = c.get_model_version_by_alias(name, CHAMPION)
+    except Exception:
+        current = None
+    if current is None:
+        decision.update(promoted=True, reason="no champion yet")
+    else:
+        try:
+            import mlflow.pytorch
+
+            champ = mlflow.pytorch.load_model(f"models:/{name}@{CHAMPION}")
+            champ_score = evaluate_windows(champ, windows, task)
+        except Exception as e:  # a champion that cannot run on these windows is not comparable
+            champ_score = None
+            decision["reason"] = f"champion v{current.version} not comparable on this data ({type(e).__name__}: {e})"
+        if champ_score is not None:
+            decision["champion_score"] = champ_score
+            better = new_score > champ_score if higher else new_score < champ_score
+            decision["promoted"] = bool(better)
+            decision["reason"] = (
+                f"{'beats' if better else 'does not beat'} champion v{current.version}: "
+                f"{new_score:.4f} vs {champ_score:.4f} on the same {len(windows)} windows"
+            )
+    if decision["promoted"]:
+        c.set_registered_model_alias(name, CHAMPION, mv.version)
+    c.set_model_version_tag(name, mv.version, "archlab.champion_decision", decision.get("reason", ""))
+    c.set_model_version_tag(name, mv.version, "archlab.eval_score", f"{new_score:.6f}")
+    return decision
+
+
+def list_models(uri: str, prefix: str | None = None) -> list[dict[str, Any]]:
+    """Registered archlab models with their versions, tags and aliases."""
+    c = client(uri)
+    out = []
+    for rm in c.search_registered_models(max_results=1000):
+        if prefix and not rm.name.startswith(prefix):
+            continue
+        aliases = {}
+        for a, v in (rm.aliases or {}).items():
+            aliases.setdefault(str(v), []).append(a)
+        for mv in c.search_model_versions(f"name = '{rm.name}'"):
+            out.append({
+                "name": rm.name, "version": int(mv.version), "aliases": aliases.get(str(mv.version), []),
+                "tags": dict(mv.tags or {}), "run_id": mv.run_id, "source": mv.source,
+            })
+    return sorted(out, key=lambda r: (r["name"], -r["version"]))
