@@ -64,7 +64,7 @@ _SPECS: dict[str, ArchSpec] = {
         _s("amn", ("vector",), "attention mixture over the linear-average baseline (seed recipe)"),
         # Zoo II: state-space, linear-attention and modern recurrent
         _s("mamba2", BOTH, "Mamba-2 (SSD, chunked)", ("ssd",)),
-        _s("s4d", BOTH, "diagonal S4, HiPPO-LegS init", ("scan",)),
+        _s("s4d", BOTH, "diagonal S4 (S4D-Lin / S4D-LegS init), FFT convolution + recurrent step"),
         _s("s4", BOTH, "S4 (DPLR kernel)"),
         _s("hyena", BOTH, "Hyena implicit long convolution + gating"),
         _s("retnet", BOTH, "multi-scale retention", ("retention",)),
