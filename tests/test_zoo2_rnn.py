@@ -206,6 +206,19 @@ def test_local_mqa_matches_naive_attention_and_is_local():
     assert diff[t0: t0 + W].min() > 1e-6, "positions inside the window must see x[t0]"
 
 
+@pytest.mark.parametrize("window,T", [(1, 9), (3, 7), (7, 50), (16, 63)], ids=lambda v: str(v))
+def test_blocked_local_attention_equals_full_band_mask(window, T):
+    """The O(T * window) blocked path (used when T > 2 * window) == one T x T band mask."""
+    att = griffin.LocalMQA(16, 4, window, 1e4).double()
+    x = torch.randn(B, T, 16, dtype=torch.float64)
+    pos = torch.arange(T)
+    q, k, v = att._qkv(x, pos)
+    delta = pos[:, None] - pos[None, :]
+    band = (delta >= 0) & (delta < window)
+    ref = F.scaled_dot_product_attention(q, k.expand_as(q), v.expand_as(q), attn_mask=band)
+    assert_close("blocked local attention", ref, att._blocked(q, k, v), 1e-12)
+
+
 # --- elman ladder -------------------------------------------------------------------------
 
 def test_plain_elman_matches_textbook_cell():

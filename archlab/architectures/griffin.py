@@ -86,13 +86,42 @@ class LocalMQA(nn.Module):
         B, T, _ = x.shape
         pos = torch.arange(T, device=x.device)
         q, k, v = self._qkv(x, pos)
-        # band mask: key s is visible from query t iff t - window < s <= t
-        delta = pos[:, None] - pos[None, :]
-        mask = (delta >= 0) & (delta < self.window)  # (T, T)
-        # the single key/value head is broadcast to every query head (a view, no copy)
-        shape = (B, self.n_heads, T, self.head_dim)
-        o = F.scaled_dot_product_attention(q, k.expand(shape), v.expand(shape), attn_mask=mask)
+        if T > 2 * self.window:
+            o = self._blocked(q, k, v)
+        else:
+            # band mask: key s is visible from query t iff t - window < s <= t
+            delta = pos[:, None] - pos[None, :]
+            mask = (delta >= 0) & (delta < self.window)  # (T, T)
+            # the single key/value head is broadcast to every query head (a view, no copy)
+            shape = (B, self.n_heads, T, self.head_dim)
+            o = F.scaled_dot_product_attention(q, k.expand(shape), v.expand(shape), attn_mask=mask)
         return self.out(o.transpose(1, 2).flatten(-2))  # (B, T, H*k)
+
+    def _blocked(self, q, k, v):
+        """Band attention in O(T * window) memory: queries in blocks of `window` positions,
+        each block sees its own keys and the previous block's (all a window can reach)."""
+        B, H, T, K = q.shape
+        W = self.window
+        n = -(-T // W)  # blocks; the tail is padded, padded queries are dropped at the end
+        pad = n * W - T
+        q = F.pad(q, (0, 0, 0, pad)).unflatten(2, (n, W))  # (B, H, n, W, K)
+        # keys of block j: [block j-1, block j], a zero block before the first
+        k = F.pad(k, (0, 0, W, pad)).unflatten(2, (n + 1, W))  # (B, 1, n+1, W, K)
+        v = F.pad(v, (0, 0, W, pad)).unflatten(2, (n + 1, W))
+        k2 = torch.cat([k[:, :, :-1], k[:, :, 1:]], dim=3)  # (B, 1, n, 2W, K)
+        v2 = torch.cat([v[:, :, :-1], v[:, :, 1:]], dim=3)
+        # query i of block j sits at j*W + i, key s of its window at (j-1)*W + s
+        i = torch.arange(W, device=q.device)[:, None]
+        s = torch.arange(2 * W, device=q.device)[None, :]
+        delta = i + W - s  # query position - key position, the same for every block
+        mask = (delta >= 0) & (delta < W)  # (W, 2W)
+        # the zero block before the first is not a position: mask it for block 0
+        first = torch.ones(n, 1, 2 * W, dtype=torch.bool, device=q.device)
+        first[0, 0, :W] = False
+        mask = mask[None] & first  # (n, W, 2W)
+        shape = (B, H, n, 2 * W, K)
+        o = F.scaled_dot_product_attention(q, k2.expand(shape), v2.expand(shape), attn_mask=mask)
+        return o.flatten(2, 3)[:, :, :T]  # (B, H, T, K)
 
     def init_state(self, batch: int, device=None):
         # rolling caches of rotated keys and values (B, 1, <=window, k), and the next position
