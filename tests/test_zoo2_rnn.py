@@ -351,3 +351,14 @@ def test_bf16_autocast_tiny(mod, flavor):
     assert_close("bf16 logits", ref, logits.float(), 3e-2)
     bad = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
     assert not bad, f"parameters without a finite gradient under bf16: {bad}"
+
+
+@pytest.mark.parametrize("mod,expected", [
+    (min_gru, "scan:torch"), (min_lstm, "scan:torch"), (hawk, "scan:torch"),
+    (griffin, "scan:torch+local_attn:sdpa"), (elman, "loop"),
+], ids=["min_gru", "min_lstm", "hawk", "griffin", "elman"])
+def test_kernel_path_named(mod, expected):
+    """On CPU, `auto` resolves the scan to the chunked torch path, and the backbone says so."""
+    bb = mod.build(mod.FLAVORS["debug"], 8)
+    bb(torch.randn(1, 5, 8))
+    assert bb.kernel_path == expected, f"kernel_path {bb.kernel_path!r}, expected {expected!r}"

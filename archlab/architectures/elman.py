@@ -220,6 +220,9 @@ class ElmanBackbone(nn.Module):
         self.blocks = nn.ModuleList(Block(config.d_model, config) for _ in range(config.n_layers))
         self.norm = nn.RMSNorm(config.d_model)
 
+    # h_t is non-linear in h_{t-1}: no scan kernel applies, forward is always the loop
+    kernel_path = "loop"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, d_input] -> [B, T, d_model]
         x = self.in_proj(x)
         for block in self.blocks:

@@ -161,6 +161,13 @@ class GriffinBackbone(nn.Module):
         self.blocks = nn.ModuleList(ResidualBlock(d, mixer(kind), config.mlp_expand) for kind in self.layer_kinds)
         self.norm = nn.RMSNorm(d)
 
+    @property
+    def kernel_path(self) -> str:
+        """RG-LRU layers' linear_scan path in the last forward, and the attention form."""
+        lrus = [b.mixer.lru for b in self.blocks if isinstance(b.mixer, RecurrentBlock)]
+        scan = (lrus[0].last_path or "not run yet") if lrus else "none"
+        return f"scan:{scan}+local_attn:sdpa"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, d_input] -> [B, T, d_model]
         x = self.in_proj(x)
         for block in self.blocks:

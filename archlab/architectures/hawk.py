@@ -82,6 +82,7 @@ class RGLRU(nn.Module):
     def __init__(self, width: int, heads: int, c: float, kernel: str):
         super().__init__()
         self.c, self.kernel = c, kernel
+        self.last_path = None  # the linear_scan path the last forward ran
         self.gate_a = BlockDiagonalLinear(width, heads)
         self.gate_x = BlockDiagonalLinear(width, heads)
         # a^c ~ U[0.9, 0.999]  =>  a = u^(1/c),  Lambda = logit(a)
@@ -107,10 +108,12 @@ class RGLRU(nn.Module):
             return a, mult * (i * x32)
 
     def forward(self, x: torch.Tensor, h0: torch.Tensor | None = None):
+        from archlab.kernels._dispatch import resolve_kernel
         from archlab.kernels.scan import linear_scan
 
         a, b = self.coefficients(x)
-        h, h_last = linear_scan(a, b, h0, kernel=self.kernel)
+        self.last_path = resolve_kernel("scan", self.kernel, x.device)
+        h, h_last = linear_scan(a, b, h0, kernel=self.last_path)
         return h.to(x.dtype), h_last
 
     def step(self, x_t: torch.Tensor, h: torch.Tensor):
@@ -215,6 +218,11 @@ class HawkBackbone(nn.Module):
             for _ in range(config.n_layers)
         )
         self.norm = nn.RMSNorm(d)
+
+    @property
+    def kernel_path(self) -> str:
+        """Which linear_scan path the last forward ran (step() is always the plain recurrence)."""
+        return f"scan:{self.blocks[0].mixer.lru.last_path or 'not run yet'}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, d_input] -> [B, T, d_model]
         x = self.in_proj(x)

@@ -49,6 +49,7 @@ class MinLSTM(nn.Module):
         super().__init__()
         self.d_hidden = d_hidden
         self.kernel = kernel
+        self.last_path = None  # the linear_scan path the last forward ran
         # one matmul for forget gate, input gate and candidate
         self.in_proj = nn.Linear(d, 3 * d_hidden)
 
@@ -61,10 +62,12 @@ class MinLSTM(nn.Module):
         return w[0], w[1] * c
 
     def forward(self, x: torch.Tensor, h0: torch.Tensor | None = None):
+        from archlab.kernels._dispatch import resolve_kernel
         from archlab.kernels.scan import linear_scan
 
         a, b = self.coefficients(x)
-        h, h_last = linear_scan(a, b, h0, kernel=self.kernel)
+        self.last_path = resolve_kernel("scan", self.kernel, x.device)
+        h, h_last = linear_scan(a, b, h0, kernel=self.last_path)
         return h.to(x.dtype), h_last
 
     def step(self, x_t: torch.Tensor, h: torch.Tensor):
@@ -119,6 +122,11 @@ class MinLSTMBackbone(nn.Module):
         self.in_proj = nn.Identity() if d_input == config.d_model else nn.Linear(d_input, config.d_model)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         self.norm = nn.RMSNorm(config.d_model)
+
+    @property
+    def kernel_path(self) -> str:
+        """Which linear_scan path the last forward ran (step() is always the plain recurrence)."""
+        return f"scan:{self.blocks[0].rnn.last_path or 'not run yet'}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, d_input] -> [B, T, d_model]
         x = self.in_proj(x)
