@@ -423,3 +423,34 @@ def test_kernel_path_reports_what_ran(name, over, expected):
     model = debug_backbone(name, **over)
     model(torch.randn(1, 4, 32))
     assert model.kernel_path == expected
+
+
+def test_linformer_step_memory_is_bounded():
+    model = debug_backbone("linformer", block_size=4, k=3)
+    state = model.init_state(1)
+    for _ in range(30):
+        _, state = model.step(torch.randn(1, 32), state)
+    for st in state["layers"]:
+        assert st["ck"].shape == (1, 4, 3, 8)  # (B, H, k, dh): fixed, whatever T
+        assert st["lk"] is None or st["lk"].shape[2] < 4  # at most the current block
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_smoke_space_choices_all_build(name):
+    # every combination of the smoke space's categorical choices builds and runs on the debug flavor
+    import itertools
+
+    from archlab.architectures import make_config
+    from archlab.search_spaces import load_space
+
+    space = load_space(name, smoke=True)
+    cats = {k[len("model."):]: v["choices"] for k, v in space.items() if k.startswith("model.") and "choices" in v}
+    for combo in itertools.product(*cats.values()):
+        cfg = make_config(name, "debug", dict(zip(cats, combo)))
+        y = build_model(name, "vector", cfg, d_in=24)(torch.randn(1, 6, 24))
+        assert y.shape == (1, 6, 24) and torch.isfinite(y).all(), f"{name} {dict(zip(cats, combo))}"
+    full = load_space(name)
+    # no full-space sample may be an invalid head split (d_model % n_heads != 0)
+    if "model.n_heads" in full:
+        for d, h in itertools.product(full["model.d_model"]["choices"], full["model.n_heads"]["choices"]):
+            assert d % h == 0, f"{name} SPACE: d_model {d} is not divisible by n_heads {h}"
