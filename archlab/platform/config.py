@@ -10,6 +10,7 @@ The resolved config round-trips through JSON: it goes into Tune, Optuna and MLfl
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from pathlib import Path
@@ -168,9 +169,10 @@ SMOKE = {
 
 
 def _merge(base: dict, extra: dict) -> dict:
-    out = dict(base)
+    # deep copies: overrides are applied in place afterwards and must never reach SMOKE
+    out = copy.deepcopy(base)
     for k, v in extra.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
     return out
 
 

@@ -211,10 +211,12 @@ def run_sweep(cfg: ArchlabConfig, resume: bool = False, progress=None) -> dict[s
     else:
         n_conc = max_concurrent_trials(cfg)
         sampler = optuna.samplers.TPESampler(seed=cfg.sweep.seed, multivariate=True, group=True)
+        # fairness: every architecture gets a trial before TPE chooses where to spend the rest
+        first = [{"arch": a} for a in cfg.sweep.archs] if cfg.sweep.num_samples >= len(cfg.sweep.archs) else None
         searcher = OptunaSearch(
             space=functools.partial(define_space, archs=list(cfg.sweep.archs), smoke=cfg.smoke_test,
                                     overrides=cfg.sweep.space_overrides),
-            metric=metric, mode=mode, sampler=sampler,
+            metric=metric, mode=mode, sampler=sampler, points_to_evaluate=first,
         )
         tuner = tune.Tuner(
             trainable,
