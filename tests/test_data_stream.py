@@ -128,3 +128,27 @@ def test_ray_streaming_matches_numpy_windows_and_splits_equally(ray_local, sampl
     [t.start() for t in threads]
     [t.join(timeout=300) for t in threads]
     assert counts["a"] == counts["b"] > 0
+
+
+def test_bad_rows_error_names_the_row_and_skip_drops_it_from_the_windows(sample_dataset, tmp_path):
+    from archlab.platform.data import WindowCutter
+    from archlab.platform.shards import read_shard_meta
+
+    ds = _copy_sample(sample_dataset, tmp_path)
+    shard = ds / "valid" / "part-00000.parquet"
+    meta = read_shard_meta(shard)
+    table = pq.read_table(shard)
+    docs = table.column("vectors").to_pylist()
+    docs[2][3][7] = float("nan")
+    table = table.set_column(1, "vectors", pa.array(docs, type=table.schema.field("vectors").type))
+    write_shard(shard, table, meta)
+    build_manifest(ds)
+    with pytest.raises(DataError, match=r"part-00000\.parquet.*row 2"):
+        inspect_dataset(load_config(None, [f"data.path={ds}"]))
+    cfg = load_config(None, [f"data.path={ds}", "data.on_bad_rows=skip"])
+    info = inspect_dataset(cfg)
+    cut = WindowCutter(cfg.to_dict(), 384, None, 0, 1)
+    kept = cut(pq.read_table(shard, columns=["vectors"]))["x"]
+    clean = [np.asarray(d, np.float32) for i, d in enumerate(docs) if i != 2]
+    assert kept.shape[0] == sum(len(d) - 5 for d in clean) and np.isfinite(kept).all()
+    assert info.files["valid"] == [str(shard)]

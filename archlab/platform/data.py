@@ -79,7 +79,13 @@ def inspect_dataset(cfg: ArchlabConfig) -> DatasetInfo:
         separator = int(manifest.get("separator_id", 0) or 0)
     if task == "token" and not (0 <= separator < (vocab or 0)):
         raise DataError(f"data.separator={separator}: expected a token id in [0, {vocab})")
-    _validate_rows(cfg, root, dim, vocab)
+    readable = _validate_rows(cfg, root, dim, vocab)
+    if cfg.data.on_bad_rows == "skip":
+        # skip also means: stream only the shards the validator could read
+        files = {s: [p for p in paths if str(Path(p).resolve()) in readable[s]] for s, paths in files.items()}
+        for split, paths in files.items():
+            if not paths:
+                raise DataError(f"{root}: split {split!r} has no readable shard left to train on")
     return DatasetInfo(
         root=str(root),
         kind=task,
@@ -94,19 +100,22 @@ def inspect_dataset(cfg: ArchlabConfig) -> DatasetInfo:
     )
 
 
-def _validate_rows(cfg: ArchlabConfig, root: Path, dim, vocab) -> None:
-    try:
-        from archlab.platform.validate import validate_dataset
-    except ImportError:  # pragma: no cover - the validator ships with the package
-        return
+def _validate_rows(cfg: ArchlabConfig, root: Path, dim, vocab) -> dict[str, set[str]]:
+    """Row-level checks (archlab.platform.validate); returns the readable shards per split."""
+    from archlab.platform.validate import validate_dataset
+
     min_len = cfg.data.context + 1 if cfg.train.task == "vector" else 1
+    readable = {}
     for split in (cfg.data.train_split, cfg.data.valid_split):
         report = validate_dataset(
             root, split=split, kind=cfg.train.task, dim=dim, vocab_size=vocab,
             min_len=min_len, on_bad_rows=cfg.data.on_bad_rows,
         )
-        if getattr(report, "rows_bad", 0):
-            log.warning("%s/%s: skipping %d bad rows: %s", root, split, report.rows_bad, report.skipped)
+        if report.rows_bad or report.bad_files:
+            log.warning("%s/%s: skipping %d bad rows (%s) and %d unreadable files",
+                        root, split, report.rows_bad, report.skipped, len(report.bad_files))
+        readable[split] = {str(Path(f).resolve()) for f in report.files}
+    return readable
 
 
 # ---- window cutting (runs inside Ray Data tasks; pure numpy so it is testable alone) ----
