@@ -478,7 +478,8 @@ def text_to_vector_shards(
     if not items:
         raise DataError(f"{src}: no sentence chunks found (docs={docs})")
     if not ray.is_initialized():
-        ray.init()
+        # Logical CPUs: on a 2-core machine 1-CPU actors plus Ray Data tasks starve (STACK_NOTES).
+        ray.init(num_cpus=max(8, 2 * (os.cpu_count() or 2)))
     ds = ray.data.from_items(items).map_batches(
         _Embedder, fn_constructor_kwargs={"model": load_from, "device": device},
         batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=num_actors), num_cpus=1,
