@@ -1,0 +1,118 @@
+"""Kernel speed-ups on this machine: each fast path against its reference, side by side.
+
+    python benchmarks/kernels.py                 # the BENCHMARKS.md table (a few minutes)
+    python benchmarks/kernels.py --smoke         # seconds: tiny sizes, checks the script runs
+
+For every op and T it times the reference and the fast path in the same process,
+interleaved (the machine is shared and noisy), forward only and forward + backward, and
+prints the median times and their ratio as a Markdown table. Timings are CPU wall time
+with torch.set_num_threads(--threads). Nothing here asserts a speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+
+import torch
+
+from archlab.kernels.retention import retention, retention_ref
+from archlab.kernels.scan import linear_scan
+from archlab.kernels.ssd import ssd, ssd_recurrent_ref
+
+
+def scan_case(B, T, D, gen):
+    a = (0.9 + 0.1 * torch.rand(B, T, D, generator=gen)).requires_grad_()
+    b = torch.randn(B, T, D, generator=gen).requires_grad_()
+    h0 = torch.randn(B, D, generator=gen).requires_grad_()
+    return {"reference": lambda: linear_scan(a, b, h0, kernel="reference"),
+            "torch": lambda: linear_scan(a, b, h0, kernel="torch")}, f"B{B}-T{T}-D{D}"
+
+
+def ssd_case(B, T, H, P, N, gen, chunk):
+    x = torch.randn(B, T, H, P, generator=gen).requires_grad_()
+    dt = (torch.rand(B, T, H, generator=gen) * 0.1 + 0.001).requires_grad_()
+    A = (-torch.rand(H, generator=gen) * 4 - 0.5).requires_grad_()
+    Bm = torch.randn(B, T, H, N, generator=gen).requires_grad_()
+    Cm = torch.randn(B, T, H, N, generator=gen).requires_grad_()
+    return {"recurrent": lambda: ssd_recurrent_ref(x, dt, A, Bm, Cm),
+            "reference": lambda: ssd(x, dt, A, Bm, Cm, chunk_size=chunk, kernel="reference"),
+            "torch": lambda: ssd(x, dt, A, Bm, Cm, chunk_size=chunk, kernel="torch")}, \
+        f"B{B}-T{T}-H{H}-P{P}-N{N}-C{chunk}"
+
+
+def retention_case(B, H, T, K, V, gen, chunk):
+    q = (torch.randn(B, H, T, K, generator=gen) / K ** 0.5).requires_grad_()
+    k = torch.randn(B, H, T, K, generator=gen).requires_grad_()
+    v = torch.randn(B, H, T, V, generator=gen).requires_grad_()
+    gamma = (1 - 2.0 ** (-5 - torch.arange(H, dtype=torch.float32))).requires_grad_()
+    return {"reference": lambda: retention_ref(q, k, v, gamma),
+            "parallel": lambda: retention(q, k, v, gamma, mode="parallel", kernel="torch"),
+            "torch": lambda: retention(q, k, v, gamma, mode="chunkwise", chunk_size=chunk, kernel="torch")}, \
+        f"B{B}-H{H}-T{T}-K{K}-V{V}-C{chunk}"
+
+
+def timed(fn, backward: bool) -> float:
+    t0 = time.perf_counter()
+    if backward:
+        out = fn()
+        sum(o.float().sum() for o in out).backward()
+    else:
+        with torch.no_grad():
+            fn()
+    return time.perf_counter() - t0
+
+
+def measure(paths: dict, repeats: int, backward: bool) -> dict[str, float]:
+    """Median seconds per path; one warm-up each, then the paths take turns."""
+    for fn in paths.values():
+        timed(fn, backward)
+    times = {name: [] for name in paths}
+    for _ in range(repeats):
+        for name, fn in paths.items():
+            times[name].append(timed(fn, backward))
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes, one repeat")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--ops", default="scan,ssd,retention")
+    ap.add_argument("--T", default="256,1024,4096")
+    ap.add_argument("--batch", type=int, default=1, help="batch size for every op")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    Ts = [16, 40] if args.smoke else [int(t) for t in args.T.split(",")]
+    repeats = 1 if args.smoke else args.repeats
+    B = args.batch
+    gen = torch.Generator().manual_seed(0)
+    print(f"# kernels benchmark: torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+          f"threads={args.threads}, repeats={repeats} (median), fp32, CPU\n")
+    print("| op | size | pass | reference ms | fast path | fast ms | speed-up |")
+    print("|---|---|---|---:|---|---:|---:|")
+    for op in args.ops.split(","):
+        for T in Ts:
+            if op == "scan":
+                paths, size = scan_case(B, T, 16 if args.smoke else 512, gen)
+                pairs = [("reference", "torch")]
+            elif op == "ssd":
+                paths, size = ssd_case(B, T, *((2, 4, 4) if args.smoke else (8, 64, 64)), gen, chunk=64)
+                pairs = [("recurrent", "torch"), ("reference", "torch")]
+            elif op == "retention":
+                paths, size = retention_case(B, *((2, T, 4, 4) if args.smoke else (8, T, 64, 64)), gen, chunk=64)
+                pairs = [("reference", "torch"), ("reference", "parallel")]
+            else:
+                raise SystemExit(f"--ops: unknown op {op!r}; expected scan, ssd, retention")
+            for backward in (False, True):
+                med = measure(paths, repeats, backward)
+                for ref, fast in pairs:
+                    print(f"| {op} | {size} | {'fwd+bwd' if backward else 'fwd'} | {med[ref] * 1e3:.1f} "
+                          f"({ref}) | {fast} | {med[fast] * 1e3:.2f} | {med[ref] / med[fast]:.1f}x |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,141 @@
+"""Linear scan h_t = a_t h_{t-1} + b_t: every path against the sequential reference.
+
+Outputs, final state and the gradients of a, b and h0, at odd sizes and several chunk
+sizes, fp32 and bf16. The Triton path runs on CPU under TRITON_INTERPRET=1, which must be
+set before triton is first imported: this module sets it at import when it can, and
+otherwise re-runs its Triton tests in a fresh interpreter (test_triton_in_subprocess).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+if "triton" not in sys.modules:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
+import torch
+
+from archlab.kernels import available_paths
+from archlab.kernels.scan import linear_scan, linear_scan_ref
+from archlab.kernels.testing import RMS_TOL, assert_close, grads_of, nan_poisoned_empty
+
+# Triton runs here in-process if a GPU is present or the interpreter was switched on
+# before triton's first import (the case when this module is the first to import it).
+TRITON_IN_PROCESS = "triton" in available_paths("scan", "cuda" if torch.cuda.is_available() else "cpu") \
+    and ("triton" not in sys.modules or os.environ.get("TRITON_INTERPRET") == "1")
+needs_triton = pytest.mark.skipif(not TRITON_IN_PROCESS, reason="triton not usable in this process")
+
+
+def make_inputs(B, T, D, *, with_h0=True, sign="mixed", dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    if sign == "mixed":  # |a| <= 1, both signs: exercises the any-sign claim
+        a = torch.rand(B, T, D, generator=gen) * 2 - 1
+    else:  # gates close to 1, the long-memory regime of RG-LRU / minGRU
+        a = 0.9 + 0.1 * torch.rand(B, T, D, generator=gen)
+    b = torch.randn(B, T, D, generator=gen)
+    h0 = torch.randn(B, D, generator=gen) if with_h0 else None
+    leaves = [x.to(dtype).requires_grad_() for x in (a, b) + ((h0,) if with_h0 else ())]
+    return leaves
+
+
+def check_against_reference(kernel, B, T, D, chunk, *, with_h0=True, dtype=torch.float32, sign="mixed"):
+    leaves = make_inputs(B, T, D, with_h0=with_h0, dtype=dtype, sign=sign)
+    # the reference sees the same (already rounded) values in fp32, so only the path's error is measured
+    ref_leaves = [x.detach().float().requires_grad_() for x in leaves]
+    with nan_poisoned_empty():
+        h, hT = linear_scan(*leaves, kernel=kernel, chunk_size=chunk)
+        grads = grads_of((h, hT), leaves)
+    h_r, hT_r = linear_scan_ref(*ref_leaves)
+    grads_r = grads_of((h_r, hT_r), ref_leaves)
+    tol = RMS_TOL[dtype]
+    assert h.dtype == dtype and hT.dtype == dtype
+    assert_close("h", h, h_r, tol)
+    assert_close("h_T", hT, hT_r, tol)
+    for name, g, g_r in zip(("da", "db", "dh0"), grads, grads_r):
+        assert_close(name, g, g_r, tol)
+
+
+SIZES = [(2, 63, 60), (1, 1, 5), (3, 130, 17)]
+CHUNKS = [1, 8, 16, 64, None]
+
+
+def ids(B, T, D, C):
+    return f"B{B}-T{T}-D{D}-C{C}"
+
+
+@pytest.mark.parametrize("B,T,D,C", [(*s, c) for s in SIZES for c in CHUNKS],
+                         ids=[ids(*s, c) for s in SIZES for c in CHUNKS])
+def test_torch_matches_reference_fp32(B, T, D, C):
+    check_against_reference("torch", B, T, D, C)
+
+
+def test_torch_without_initial_state():
+    check_against_reference("torch", 2, 63, 60, 16, with_h0=False)
+
+
+def test_torch_bf16_tiny():
+    check_against_reference("torch", 2, 33, 12, 8, dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("sign", ["positive", "mixed"])
+def test_torch_stable_at_16k(sign):
+    """T = 16384: the blocked scan stays as accurate as the loop (no logs, no divisions)."""
+    check_against_reference("torch", 1, 16384, 8, None, sign=sign)
+
+
+def test_zero_gates_and_closed_form():
+    """a = 0 resets the state (log-space scans break here); constant a has a closed form."""
+    B, T, D = 1, 40, 3
+    a = torch.full((B, T, D), 0.5)
+    a[:, 10] = 0.0
+    b = torch.ones(B, T, D)
+    h, hT = linear_scan(a, b, torch.full((B, D), 4.0), kernel="torch", chunk_size=8)
+    t = torch.arange(T, dtype=torch.float32)
+    # before the reset: h_t = 0.5^(t+1) * 4 + sum_{j=0..t} 0.5^j ; from t=10 on it restarts at 1
+    expected = torch.where(t < 10, 4 * 0.5 ** (t + 1) + (1 - 0.5 ** (t + 1)) / 0.5,
+                           (1 - 0.5 ** (t - 9)) / 0.5)
+    assert_close("h closed form", h[0, :, 0], expected, 1e-6)
+    assert_close("h_T", hT, h[:, -1], 0.0)
+
+
+def test_shape_errors_name_the_argument():
+    a = torch.rand(2, 5, 3)
+    with pytest.raises(ValueError, match=r"a must have b's shape \[2, 5, 4\]"):
+        linear_scan(a, torch.rand(2, 5, 4))
+    with pytest.raises(ValueError, match=r"h0 must be \[B, D\] = \[2, 3\]"):
+        linear_scan(a, a, torch.rand(3))
+
+
+@needs_triton
+@pytest.mark.parametrize("B,T,D,C", [(2, 63, 60, 16), (2, 63, 60, 64), (1, 1, 5, 4), (1, 70, 3, 32)],
+                         ids=lambda *x: None)
+def test_triton_matches_reference_fp32(B, T, D, C):
+    check_against_reference("triton", B, T, D, C)
+
+
+@needs_triton
+def test_triton_without_initial_state_and_bf16():
+    check_against_reference("triton", 2, 63, 60, 16, with_h0=False)
+    check_against_reference("triton", 1, 17, 9, 8, dtype=torch.bfloat16)
+
+
+def test_triton_in_subprocess():
+    """When triton was imported before this module could switch the interpreter on, run the
+    Triton tests above in a fresh Python where it is on from the start."""
+    if TRITON_IN_PROCESS:
+        pytest.skip("Triton tests ran in this process")
+    if "triton" not in available_paths("scan", "cuda") and not _triton_installed():
+        pytest.skip("triton is not installed")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-k", "triton_matches or bf16",
+                           "-p", "no:cacheprovider"], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+
+
+def _triton_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None
