@@ -74,6 +74,21 @@ def _use_mamba_ssm(kernel: str) -> bool:
     raise ValueError(f"model.kernel: expected auto, mamba_ssm, torch or reference; found {kernel!r}")
 
 
+class GatedRMSNorm(nn.Module):
+    """RMSNorm(y * SiLU(z)) per group of d / groups channels, one weight over all d
+    (mamba-ssm's RMSNormGated with norm_before_gate=False; same parameter shape)."""
+
+    def __init__(self, d: int, groups: int, eps: float = 1e-5):
+        super().__init__()
+        self.groups, self.eps = groups, eps
+        self.weight = nn.Parameter(torch.ones(d))
+
+    def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        g = (y * F.silu(z)).unflatten(-1, (self.groups, -1))  # (..., G, d/G)
+        g = g * torch.rsqrt(g.float().pow(2).mean(-1, keepdim=True) + self.eps).to(g.dtype)
+        return g.flatten(-2) * self.weight
+
+
 class Mamba2Mixer(nn.Module):
     """archlab's Mamba-2 mixer: [B, T, d_model] -> [B, T, d_model], plus step()."""
 
@@ -100,16 +115,9 @@ class Mamba2Mixer(nn.Module):
         for p in (self.dt_bias, self.A_log, self.D):
             p._no_weight_decay = True
         self.dt_bias._no_reinit = True
-        self.norm = nn.RMSNorm(self.d_inner // cfg.ngroups, eps=1e-5)
-        # one weight over d_inner, normalised per group: keep mamba-ssm's parameter shape
-        self.norm.weight = nn.Parameter(torch.ones(self.d_inner))
+        self.norm = GatedRMSNorm(self.d_inner, cfg.ngroups)
         self.out_proj = nn.Linear(self.d_inner, cfg.d_model, bias=False)
         self.last_path = None
-
-    def _gated_norm(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        g = (y * F.silu(z)).unflatten(-1, (self.ngroups, -1))  # (..., G, d_inner/G)
-        g = g * torch.rsqrt(g.float().pow(2).mean(-1, keepdim=True) + self.norm.eps).to(g.dtype)
-        return g.flatten(-2) * self.norm.weight
 
     def _split(self, zxbcdt: torch.Tensor):
         return torch.split(zxbcdt, [self.d_inner, self.conv_dim, self.nheads], dim=-1)
@@ -141,7 +149,7 @@ class Mamba2Mixer(nn.Module):
             y, _ = ssd(x, dt, A, B, C, chunk_size=self.chunk_size, kernel=path)  # (B, T, H, P)
             y = y + self.D[:, None] * x
         self.last_path = resolve_kernel("ssd", path, u.device)
-        y = self._gated_norm(y.flatten(-2).to(z.dtype), z)
+        y = self.norm(y.flatten(-2).to(z.dtype), z)
         return self.out_proj(y)
 
     def step(self, u_t: torch.Tensor, state):  # u_t [B, d_model]
@@ -155,7 +163,7 @@ class Mamba2Mixer(nn.Module):
             decay = torch.exp(dt * A)[..., None, None]  # (B, H, 1, 1)
             S = decay * S + (dt[..., None] * x).unsqueeze(-1) * B.unsqueeze(-2)
             y = (S * C.unsqueeze(-2)).sum(-1) + self.D[:, None] * x  # (B, H, P)
-        y = self._gated_norm(y.flatten(-2).to(z.dtype), z)
+        y = self.norm(y.flatten(-2).to(z.dtype), z)
         return self.out_proj(y), (conv, S)
 
 
@@ -188,6 +196,7 @@ class Mamba2Backbone(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, d_input] -> [B, T, d_model]
         h = self.in_proj(x)
+        h = h.to(torch.promote_types(h.dtype, torch.float32))  # residual stream in fp32 (mamba's residual_in_fp32)
         for norm, mixer in zip(self.norms, self.mixers):
             h = h + mixer(norm(h))
         return self.norm_f(h)
@@ -205,6 +214,7 @@ class Mamba2Backbone(nn.Module):
 
     def step(self, x_t: torch.Tensor, state):  # [B, d_input] -> [B, d_model]
         h = self.in_proj(x_t)
+        h = h.to(torch.promote_types(h.dtype, torch.float32))
         new = []
         for norm, mixer, s in zip(self.norms, self.mixers, state):
             if self.fast:  # mamba_ssm's step updates its cache in place: give it copies
