@@ -172,14 +172,24 @@ class _SplitWriter:
 def manifest_extra(out: Path) -> dict:
     """Dataset-wide facts for manifest.json that the training reads: for token data the
     separator id and tokens per source byte (bits-per-byte = nats/token * tokens_per_byte
-    / ln 2), summed over the shards that recorded their source bytes."""
-    metas = [read_shard_meta(p) for p in sorted(Path(out).glob("*/*.parquet"))]
-    if not metas or metas[0].kind != "token":
+    / ln 2) per split, from the shards that recorded their source bytes. The top-level
+    `tokens_per_byte` is the "valid" split's (where bits-per-byte is measured), else all."""
+    shards = sorted(Path(out).glob("*/*.parquet"))
+    metas = [(p.parent.name, read_shard_meta(p)) for p in shards]
+    if not metas or metas[0][1].kind != "token":
         return {}
-    extra = {"separator_id": int(metas[0].extra.get("sep_id", 0))}
-    if all("n_bytes" in m.extra for m in metas):
-        n_bytes = sum(m.extra["n_bytes"] for m in metas)
-        extra["tokens_per_byte"] = sum(m.extra["n_tokens"] for m in metas) / max(n_bytes, 1)
+    extra: dict = {"separator_id": int(metas[0][1].extra.get("sep_id", 0))}
+    if not all("n_bytes" in m.extra for _, m in metas):
+        return extra
+    sums: dict[str, list[int]] = {}
+    for split, m in metas:
+        acc = sums.setdefault(split, [0, 0])
+        acc[0] += m.extra["n_tokens"]
+        acc[1] += m.extra["n_bytes"]
+    by_split = {k: t / max(b, 1) for k, (t, b) in sums.items()}
+    extra["tokens_per_byte_by_split"] = by_split
+    total_t, total_b = (sum(v[i] for v in sums.values()) for i in (0, 1))
+    extra["tokens_per_byte"] = by_split.get("valid", total_t / max(total_b, 1))
     return extra
 
 
