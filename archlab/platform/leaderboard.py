@@ -8,8 +8,9 @@ from typing import Any
 from archlab.platform import tracking
 
 COLUMNS = {
-    "vector": ["val_cosine_seed", "val_cosine", "val_mse_seed", "val_frac_cos_gt_0.5_seed", "samples_per_s"],
-    "token": ["val_loss", "val_bpb", "val_ppl", "samples_per_s"],
+    "vector": ["val_cosine_seed", "val_cosine", "val_mse_seed", "val_frac_cos_gt_0.5_seed",
+               "retrieval_acc", "samples_per_s", "train_time_s", "latency_ms"],
+    "token": ["val_loss", "val_bpb", "val_ppl", "samples_per_s", "train_time_s", "latency_ms"],
 }
 
 
@@ -57,7 +58,9 @@ def leaderboard(uri: str, experiment_id: str, parent_id: str, metric: str, mode:
             name = key[len("baseline."):-len("." + baseline_metric)]
             row = {"entry": name, "kind": "baseline", "run": "", "params": "", "precision": ""}
             if task == "vector":
-                row.update({"val_cosine_seed": value, "val_mse_seed": parent.data.metrics.get(f"baseline.{name}.mse")})
+                row.update({"val_cosine_seed": value, "val_mse_seed": parent.data.metrics.get(f"baseline.{name}.mse"),
+                            "retrieval_acc": parent.data.metrics.get(f"baseline.{name}.retrieval_acc"),
+                            "val_frac_cos_gt_0.5_seed": parent.data.metrics.get(f"baseline.{name}.frac_cos_gt_0.5")})
             else:
                 row.update({"val_loss": value, "val_bpb": parent.data.metrics.get(f"baseline.{name}.val_bpb")})
             rows.append(row)
@@ -89,7 +92,8 @@ def render(board: dict[str, Any], console=None) -> None:
     console = console or Console(width=max(160, Console().width))
     table = Table(title=f"leaderboard {board.get('sweep_id') or ''} ({board['metric']}, {board['mode']})")
     for col in board["columns"]:
-        table.add_column(col, justify="left" if col in ("entry", "kind", "run", "precision") else "right")
+        table.add_column(col, justify="left" if col in ("entry", "kind", "run", "precision") else "right",
+                         no_wrap=col == "entry", min_width=17 if col == "entry" else None)
     for r in board["rows"]:
         style = "dim" if r["kind"] == "baseline" else None
         table.add_row(*[_fmt(r.get(c)) for c in board["columns"]], style=style)

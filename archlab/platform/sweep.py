@@ -288,6 +288,35 @@ def _load_trial_model(trial: dict[str, Any]):
     return model.eval()
 
 
+def _retrieval(model, windows: np.ndarray) -> float:
+    """Seed-protocol retrieval accuracy with the baselines' candidate set: every
+    validation window's target (archlab.platform.baselines.retrieval_candidates)."""
+    import torch
+
+    from archlab.platform.metrics import retrieval_accuracy
+
+    x = torch.as_tensor(windows).float()
+    with torch.no_grad():
+        pred = torch.cat([model(x[i: i + 512, :-1])[:, -1] for i in range(0, len(x), 512)])
+    return retrieval_accuracy(pred, x[:, -1], candidates=x[:, -1])
+
+
+def _latency_ms(model, windows: np.ndarray, task: str) -> float:
+    """Milliseconds per prediction on the driver's CPU, one thread, 256 windows at once."""
+    import torch
+
+    from archlab.platform.metrics import inference_latency
+
+    x = torch.as_tensor(windows[:256, :-1])
+    x = x.float() if task == "vector" else x.long()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return 1000.0 * inference_latency(model, x, repeats=3)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def finalize(job: Job, trials: list[dict[str, Any]], role_parent: str | None = None) -> list[dict[str, Any]]:
     """Log every trial's final model to its run; register the best trial per architecture
     and move `champion` only if it beats the current one on the same windows."""
@@ -301,6 +330,11 @@ def finalize(job: Job, trials: list[dict[str, Any]], role_parent: str | None = N
             continue
         t["model"] = _load_trial_model(t)
         t["model_uri"] = tracking.log_model(job.uri, t["run_id"], t["model"], t["spec"], example)
+        final = {"latency_ms": _latency_ms(t["model"], job.valid_windows, cfg.train.task)}
+        if cfg.train.task == "vector":
+            final["retrieval_acc"] = _retrieval(t["model"], job.valid_windows)
+        t["metrics"].update(final)
+        tracking.log_metrics(tracking.client(job.uri), t["run_id"], final)
         score = t["metrics"].get(metric)
         if score is None or (isinstance(score, float) and math.isnan(score)):
             continue

@@ -179,7 +179,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     else:
         loss_fn = None
 
-    start_epoch, step = 0, 0
+    start_epoch, step, train_time_total = 0, 0, 0.0
     restored = ray.train.get_checkpoint()
     if restored:
         with restored.as_directory() as d:
@@ -189,6 +189,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         if sched is not None and state.get("scheduler"):
             sched.load_state_dict(state["scheduler"])
         start_epoch, step = state["epoch"] + 1, state["step"]
+        train_time_total = state.get("train_time_s", 0.0)
         log.info("rank %d resumed from epoch %d (step %d)", rank, state["epoch"], step)
 
     client = None
@@ -247,6 +248,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             if cfg.train.max_steps_per_epoch and n_micro >= cfg.train.max_steps_per_epoch * accum:
                 break
         train_time = time.perf_counter() - t_epoch
+        train_time_total += train_time
         metrics = evaluate(
             _unwrap(model), valid_shard.iter_torch_batches(batch_size=256), cfg, loss_fn, device, autocast,
             tokens_per_byte=float(data_info.get("tokens_per_byte", 1.0)),
@@ -259,6 +261,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             "samples_per_s": totals["samples"] / max(train_time, 1e-9),
             "data_wait_frac": totals["wait"] / world / max(train_time, 1e-9),
             "lr": opt.param_groups[0]["lr"],
+            "train_time_s": train_time_total,  # training only, summed over epochs and restarts
         })
         if sched is not None:
             sched.step(metrics["val_loss"])
@@ -274,6 +277,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
                     "scheduler": sched.state_dict() if sched is not None else None,
                     "epoch": epoch,
                     "step": step,
+                    "train_time_s": train_time_total,
                 }, Path(tmp) / STATE_FILE)
                 (Path(tmp) / SPEC_FILE).write_text(json.dumps(spec))
                 (Path(tmp) / "metrics.json").write_text(json.dumps(metrics))
