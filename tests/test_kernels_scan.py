@@ -59,7 +59,7 @@ def check_against_reference(kernel, B, T, D, chunk, *, with_h0=True, dtype=torch
 
 
 SIZES = [(2, 63, 60), (1, 1, 5), (3, 130, 17)]
-CHUNKS = [1, 8, 16, 64, None]
+CHUNKS = [1, 16, 64, None]
 
 
 def ids(B, T, D, C):
@@ -82,8 +82,28 @@ def test_torch_bf16_tiny():
 
 @pytest.mark.parametrize("sign", ["positive", "mixed"])
 def test_torch_stable_at_16k(sign):
-    """T = 16384: the blocked scan stays as accurate as the loop (no logs, no divisions)."""
-    check_against_reference("torch", 1, 16384, 8, None, sign=sign)
+    """T = 16384: the blocked scan stays as accurate as the loop (no logs, no divisions).
+
+    The reference's autograd over 16k steps is too slow for CI, so the backward is checked
+    through its definition instead: db is the reverse-time scan of dL/dh with decays
+    a_{t+1}, which the reference computes forward on flipped inputs (no autograd).
+    """
+    B, T, D = 1, 16384, 4
+    a, b, h0 = make_inputs(B, T, D, sign=sign)
+    h, hT = linear_scan(a, b, h0, kernel="torch")
+    with torch.no_grad():
+        h_r, hT_r = linear_scan_ref(a, b, h0)
+    assert_close("h", h, h_r, RMS_TOL[torch.float32])
+    assert_close("h_T", hT, hT_r, RMS_TOL[torch.float32])
+    dh = torch.randn(B, T, D, generator=torch.Generator().manual_seed(1))
+    da, db, dh0 = torch.autograd.grad((h * dh).sum(), (a, b, h0))
+    with torch.no_grad():
+        a_next = torch.cat([a[:, 1:], torch.ones_like(a[:, :1])], dim=1)
+        g_r = linear_scan_ref(a_next.flip(1), dh.flip(1))[0].flip(1)
+        h_prev = torch.cat([h0[:, None], h_r[:, :-1]], dim=1)
+    assert_close("db", db, g_r, RMS_TOL[torch.float32])
+    assert_close("da", da, g_r * h_prev, RMS_TOL[torch.float32])
+    assert_close("dh0", dh0, a[:, 0] * g_r[:, 0], RMS_TOL[torch.float32])
 
 
 def test_zero_gates_and_closed_form():
@@ -109,9 +129,11 @@ def test_shape_errors_name_the_argument():
         linear_scan(a, a, torch.rand(3))
 
 
+TRITON_CASES = [(2, 63, 60, 16), (2, 63, 60, 64), (1, 1, 5, 4), (1, 70, 3, 32)]
+
+
 @needs_triton
-@pytest.mark.parametrize("B,T,D,C", [(2, 63, 60, 16), (2, 63, 60, 64), (1, 1, 5, 4), (1, 70, 3, 32)],
-                         ids=lambda *x: None)
+@pytest.mark.parametrize("B,T,D,C", TRITON_CASES, ids=[ids(*c) for c in TRITON_CASES])
 def test_triton_matches_reference_fp32(B, T, D, C):
     check_against_reference("triton", B, T, D, C)
 
