@@ -102,7 +102,7 @@ def train_one(arch: str, flavor: str, train_w: TrainWindows, valid: tuple, args)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
             opt.step()
-            loss_sum += float(loss)
+            loss_sum += float(loss.detach())
             step += 1
             samples += x.shape[0]
             if args.log_every and step % args.log_every == 0:

@@ -1,6 +1,7 @@
 """Causal Transformer, the seed recipe: Linear(d_in -> d_model), sinusoidal positions,
-pre-built `nn.TransformerEncoder` layers with a causal mask, MLP head
-d_model -> d_model -> d_out.
+pre-built `nn.TransformerEncoder` layers (post-norm, ReLU) with a causal mask, MLP head
+d_model -> d_model -> d_out. `step()` decodes one position with a key/value cache and
+equals the parallel forward in eval mode.
 
 Seed flavor at 768-D (4 layers, 8 heads, ff 2048, d_model 512) has ~13.7M parameters;
 the seed reports 17.8M for what it calls the same shape. archlab implements the listed
@@ -13,6 +14,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -67,6 +69,49 @@ class TransformerBackbone(nn.Module):
         mask = nn.Transformer.generate_square_subsequent_mask(T, device=x.device, dtype=x.dtype)
         h = self.drop(x + self.pe[:T].to(x.dtype))
         return self.encoder(h, mask=mask, is_causal=True)
+
+
+    def init_state(self, batch: int, device=None) -> dict:
+        # per layer: cached keys and values (B, t, d_model), filled by step()
+        return {"t": 0, "k": [None] * len(self.encoder.layers), "v": [None] * len(self.encoder.layers)}
+
+    def step(self, x_t: torch.Tensor, state: dict):
+        """One position with a key/value cache: x_t [B, d_model] -> (y_t [B, d_model], state).
+
+        Inference path (dropout is not applied); equals forward() in eval mode."""
+        t = state["t"]
+        if t >= self.max_len:
+            raise ValueError(f"step: position {t} exceeds model.max_len={self.max_len}")
+        h = x_t + self.pe[t].to(x_t.dtype)
+        new_k, new_v = [], []
+        for i, layer in enumerate(self.encoder.layers):
+            attn = layer.self_attn
+            B, d = h.shape
+            nh, hd = attn.num_heads, d // attn.num_heads
+
+            def sa(z, i=i, attn=attn):
+                q, k, v = F.linear(z, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)  # (B, d) each
+                if state["k"][i] is not None:
+                    k = torch.cat([state["k"][i], k.unsqueeze(1)], dim=1)  # (B, t + 1, d)
+                    v = torch.cat([state["v"][i], v.unsqueeze(1)], dim=1)
+                else:
+                    k, v = k.unsqueeze(1), v.unsqueeze(1)
+                new_k.append(k)
+                new_v.append(v)
+                # (B, nh, 1, hd) against (B, nh, t + 1, hd): the newest query sees every cached key
+                qh = q.view(B, nh, 1, hd)
+                kh = k.view(B, -1, nh, hd).transpose(1, 2)
+                vh = v.view(B, -1, nh, hd).transpose(1, 2)
+                o = F.scaled_dot_product_attention(qh, kh, vh).reshape(B, d)
+                return attn.out_proj(o)
+
+            def ff(z, layer=layer):
+                return layer.linear2(layer.activation(layer.linear1(z)))
+
+            # post-norm, as the layers are built (norm_first=False)
+            h = layer.norm1(h + sa(h))
+            h = layer.norm2(h + ff(h))
+        return h, {"t": t + 1, "k": new_k, "v": new_v}
 
 
 def build(config: Config, d_input: int) -> nn.Module:
