@@ -100,10 +100,10 @@ def main() -> None:
                 paths, size = scan_case(B, T, 16 if args.smoke else 512, gen)
                 pairs = [("reference", "torch")]
             elif op == "ssd":
-                paths, size = ssd_case(B, T, *((2, 4, 4) if args.smoke else (8, 64, 64)), gen, chunk=64)
+                paths, size = ssd_case(B, T, *((2, 4, 4) if args.smoke else (4, 64, 64)), gen, chunk=64)
                 pairs = [("recurrent", "torch"), ("reference", "torch")]
             elif op == "retention":
-                paths, size = retention_case(B, *((2, T, 4, 4) if args.smoke else (8, T, 64, 64)), gen, chunk=64)
+                paths, size = retention_case(B, *((2, T, 4, 4) if args.smoke else (4, T, 64, 64)), gen, chunk=64)
                 pairs = [("reference", "torch"), ("reference", "parallel")]
             else:
                 raise SystemExit(f"--ops: unknown op {op!r}; expected scan, ssd, retention")

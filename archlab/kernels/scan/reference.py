@@ -17,8 +17,10 @@ def linear_scan_ref(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None = 
     a32, b32 = a.float(), b.float()
     h = torch.zeros_like(b32[:, 0]) if h0 is None else h0.float()
     out = []
-    for t in range(a.shape[1]):
-        h = a32[:, t] * h + b32[:, t]
+    # unbind, not a32[:, t]: indexing one step at a time would make autograd's backward
+    # allocate a full [B, T, D] gradient per step (quadratic in T)
+    for a_t, b_t in zip(a32.unbind(1), b32.unbind(1)):
+        h = a_t * h + b_t
         out.append(h)
     hs = torch.stack(out, dim=1) if out else b32.new_zeros(b32.shape)
     return hs.to(dtype), h.to(dtype)
