@@ -12,6 +12,7 @@ with torch.set_num_threads(--threads). Nothing here asserts a speed.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import time
@@ -91,7 +92,8 @@ def main() -> None:
     B = args.batch
     gen = torch.Generator().manual_seed(0)
     print(f"# kernels benchmark: torch {torch.__version__}, {platform.processor() or platform.machine()}, "
-          f"threads={args.threads}, repeats={repeats} (median), fp32, CPU\n")
+          f"threads={args.threads}, repeats={repeats} (median), fp32, CPU, "
+          f"load average at start {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores\n")
     print("| op | size | pass | reference ms | fast path | fast ms | speed-up |")
     print("|---|---|---|---:|---|---:|---:|")
     for op in args.ops.split(","):
@@ -116,3 +118,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    print(f"\nload average at end {os.getloadavg()[0]:.1f}")

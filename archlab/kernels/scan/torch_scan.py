@@ -29,38 +29,52 @@ def default_chunk(t: int) -> int:
     return int(min(128, max(8, 2 ** round(math.log2(max(t, 1)) / 2))))
 
 
-def scan_fwd(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None, chunk: int) -> torch.Tensor:
-    """fp32 forward, no autograd: a, b [B, T, D] contiguous, h0 [B, D] or None -> h [B, T, D]."""
+def scan_fwd(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None, chunk: int,
+             reverse: bool = False) -> torch.Tensor:
+    """fp32 forward, no autograd: a, b [B, T, D] contiguous, h0 [B, D] or None -> h [B, T, D].
+
+    reverse=True runs time backwards (h_t = a_t h_{t+1} + b_t, h0 entering at t = T-1)
+    without materialising flipped copies: the backward pass uses it.
+    """
     bsz, t, d = b.shape
     if t == 0:
         return b.new_zeros(bsz, 0, d)
     pad = (-t) % chunk
-    if pad:  # a = 1, b = 0 on padded steps: the state passes through unchanged
-        a = F.pad(a, (0, 0, 0, pad), value=1.0)
-        b = F.pad(b, (0, 0, 0, pad))
+    if pad:  # a = 1, b = 0 on padded steps (after the last step in scan order): a pass-through
+        where = (0, 0, pad, 0) if reverse else (0, 0, 0, pad)
+        a = F.pad(a, where, value=1.0)
+        b = F.pad(b, where)
     c = (t + pad) // chunk
+    A4 = a.reshape(bsz, c, chunk, d)  # (B, c, L, D)
     # unbind once: per-step views [B, c, D] without a Python-level slice per step
-    A = a.reshape(bsz, c, chunk, d).unbind(2)
-    Bv = b.reshape(bsz, c, chunk, d).unbind(2)
-    # (1) each chunk's end state from a zero start, and its product of a
-    s, p = Bv[0].clone(), A[0].clone()  # (B, c, D)
-    for i in range(1, chunk):
-        s = torch.addcmul(Bv[i], A[i], s)
-        p.mul_(A[i])
-    # (2) carry[:, k] = state entering chunk k; carry[:, c] = final state
-    carry = b.new_empty(bsz, c + 1, d)
-    carry[:, 0] = 0.0 if h0 is None else h0
+    A, Bv = A4.unbind(2), b.reshape(bsz, c, chunk, d).unbind(2)
+    steps = range(chunk - 1, -1, -1) if reverse else range(chunk)
+    chunks = range(c - 1, -1, -1) if reverse else range(c)
+    # (1) each chunk's end state from a zero start (ping-pong buffers: no allocation per step)
+    first = steps[0]
+    s, spare = Bv[first].clone(), torch.empty_like(Bv[first])  # (B, c, D)
+    for i in steps[1:]:
+        torch.addcmul(Bv[i], A[i], s, out=spare)
+        s, spare = spare, s
+    p = torch.prod(A4, dim=2)  # (B, c, D): the chunk's product of a (order-free)
+    # (2) carry[:, k] = state entering chunk k (in scan order)
+    carry = b.new_empty(bsz, c, d)
     ends, prods, cr = s.unbind(1), p.unbind(1), carry.unbind(1)
-    for k in range(c):
-        torch.addcmul(ends[k], prods[k], cr[k], out=cr[k + 1])
+    if h0 is not None:
+        cr[chunks[0]].copy_(h0)
+    else:
+        cr[chunks[0]].zero_()
+    for k, k_next in zip(chunks[:-1], chunks[1:]):
+        torch.addcmul(ends[k], prods[k], cr[k], out=cr[k_next])
     # (3) re-scan every chunk from its entering state, writing h in place
     h = b.new_empty(bsz, c, chunk, d)
     H = h.unbind(2)
-    prev = carry[:, :c]
-    for i in range(chunk):
+    prev = carry
+    for i in steps:
         torch.addcmul(Bv[i], A[i], prev, out=H[i])
         prev = H[i]
-    return h.reshape(bsz, c * chunk, d)[:, :t]
+    h = h.reshape(bsz, c * chunk, d)
+    return h[:, pad:] if reverse else h[:, :t]
 
 
 class _LinearScan(torch.autograd.Function):
@@ -74,13 +88,18 @@ class _LinearScan(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dh):
         a, h, h0 = ctx.saved_tensors
-        # reverse-time scan: in flipped time, step u multiplies by a_{t+1}, and the last step
-        # (u = 0) has nothing after it, hence the appended 1 (its value is never used).
-        a_next = torch.cat([a[:, 1:], torch.ones_like(a[:, :1])], dim=1)
-        g = scan_fwd(a_next.flip(1), dh.contiguous().flip(1), None, ctx.chunk).flip(1)  # (B, T, D)
-        h_prev = torch.cat([torch.zeros_like(h[:, :1]) if h0 is None else h0[:, None], h[:, :-1]], dim=1)
-        da = g * h_prev
-        dh0 = a[:, 0] * g[:, 0] if h0 is not None else None
+        # g_t = dh_t + a_{t+1} g_{t+1}: a reverse scan whose decay at t is a_{t+1}; the last
+        # step has nothing after it, hence the padded 1 (multiplying a zero state).
+        a_next = F.pad(a[:, 1:], (0, 0, 0, 1), value=1.0)
+        g = scan_fwd(a_next, dh.contiguous(), None, ctx.chunk, reverse=True)  # (B, T, D)
+        da = torch.empty_like(a)  # da_t = g_t h_{t-1}
+        torch.mul(g[:, 1:], h[:, :-1], out=da[:, 1:])
+        if h0 is not None:
+            torch.mul(g[:, 0], h0, out=da[:, 0])
+            dh0 = a[:, 0] * g[:, 0]
+        else:
+            da[:, 0].zero_()
+            dh0 = None
         return da, g, dh0, None
 
 
