@@ -88,7 +88,7 @@ def train_one(arch: str, flavor: str, train_w: TrainWindows, valid: tuple, args)
     if args.max_steps:
         steps_per_epoch = min(steps_per_epoch, args.max_steps)
     history, step, samples = [], 0, 0
-    t_train = 0.0
+    t_train, stopped = 0.0, False
     for epoch in range(args.epochs):
         model.train()
         order = torch.randperm(n, generator=g)
@@ -107,11 +107,18 @@ def train_one(arch: str, flavor: str, train_w: TrainWindows, valid: tuple, args)
             samples += x.shape[0]
             if args.log_every and step % args.log_every == 0:
                 print(f"  {arch} step {step} loss {loss_sum / (s + 1):.6f} ({time.perf_counter() - t0:.0f}s)", flush=True)
+            if args.time_limit and t_train + time.perf_counter() - t0 > args.time_limit:
+                # a safety cap on a shared machine: the steps actually run are reported
+                print(f"  {arch}: time limit {args.time_limit:.0f}s reached at step {step}", flush=True)
+                stopped = True
+                break
         t_train += time.perf_counter() - t0
         ev = evaluate(model, *valid)
         ev.update(epoch=epoch + 1, step=step, train_loss=loss_sum / max(steps_per_epoch, 1))
         history.append(ev)
         print(f"  {arch} epoch {epoch + 1}: valid cosine {ev['cosine']:.4f} (train {t_train:.0f}s)", flush=True)
+        if stopped:
+            break
     final = dict(history[-1])
     one = valid[0][:1]  # a single context: latency of one prediction
     final.update(
@@ -120,6 +127,9 @@ def train_one(arch: str, flavor: str, train_w: TrainWindows, valid: tuple, args)
         params=count_params(model),
         train_s=t_train,
         samples_per_s=samples / max(t_train, 1e-9),
+        steps=step,
+        train_windows=samples,
+        time_limited=stopped,
         latency_ms_b1=1e3 * inference_latency(model, one, repeats=20, warmup=3),
         latency_ms_b256=1e3 * inference_latency(model, valid[0][:256], repeats=5),
         history=history,
@@ -129,7 +139,7 @@ def train_one(arch: str, flavor: str, train_w: TrainWindows, valid: tuple, args)
 
 def to_markdown(rows: list[dict]) -> str:
     cols = ["entry", "cosine", "vs linear avg", "mse", "cos>0.5", "cos>0.7", "cos>0.85", "retrieval",
-            "params", "train s", "ms/pred (b=1)", "ms/pred (b=256)"]
+            "params", "steps", "train s", "ms/pred (b=1)", "ms/pred (b=256)"]
     base = next(r["cosine"] for r in rows if r["entry"] == "linear_average")
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in sorted(rows, key=lambda r: -r["cosine"]):
@@ -144,6 +154,7 @@ def to_markdown(rows: list[dict]) -> str:
             f"{r['frac_cos_gt_0.85']:.4f}",
             f"{r['retrieval_acc']:.4f}",
             f"{r['params']:,}" if model else "",
+            f"{r.get('steps', '')}" if model else "",
             f"{r['train_s']:.0f}" if model else "",
             f"{r['latency_ms_b1']:.3f}" if model else "",
             f"{r['latency_ms_b256']:.4f}" if model else "",
@@ -151,9 +162,29 @@ def to_markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def merge(folders: list[Path], out: Path | None) -> None:
+    """One leaderboard from several runs (e.g. one process per architecture); the
+    baselines come from whichever run computed them."""
+    base, models, args = {}, {}, []
+    for f in folders:
+        r = json.loads((f / "results.json").read_text())
+        base = base or r["baselines"]
+        models.update(r["models"])
+        args.append(r["args"])
+    if not base:
+        raise SystemExit(f"--merge: none of {[str(f) for f in folders]} has baselines")
+    rows = [{"entry": k, **v} for k, v in base.items()] + [{"entry": k, **v} for k, v in models.items()]
+    md = to_markdown(rows)
+    print(md)
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "leaderboard.md").write_text(md)
+        (out / "results.json").write_text(json.dumps({"runs": args, "baselines": base, "models": models}, indent=2, default=float))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data", type=Path, required=True)
+    ap.add_argument("--data", type=Path, default=None)
     ap.add_argument("--archs", default="lstm,gru_stack,transformer,amn")
     ap.add_argument("--flavor", default="seed")
     ap.add_argument("--epochs", type=int, default=1)
@@ -168,8 +199,17 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--log-every", type=int, default=500)
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--time-limit", type=float, default=0, help="seconds of training per arch; 0 = none")
+    ap.add_argument("--skip-baselines", action="store_true", help="models only (merge with a run that has them)")
+    ap.add_argument("--merge", type=Path, nargs="*", default=None,
+                    help="only combine the results.json of these --out folders into one leaderboard")
     ap.add_argument("--smoke-test", action="store_true", help="debug flavors, 20 steps, 3 valid documents")
     args = ap.parse_args()
+    if args.merge is not None:
+        merge(args.merge, args.out)
+        return
+    if args.data is None:
+        ap.error("--data is required (unless --merge)")
     if args.smoke_test:
         args.flavor, args.max_steps, args.epochs, args.log_every = "debug", 20, 1, 0
     torch.set_num_threads(args.threads)
@@ -186,7 +226,7 @@ def main() -> None:
           f"({time.perf_counter() - t0:.0f}s)", flush=True)
 
     t0 = time.perf_counter()
-    base = evaluate_baselines(train_docs, valid_docs, context=args.context, seed=args.seed)
+    base = {} if args.skip_baselines else evaluate_baselines(train_docs, valid_docs, context=args.context, seed=args.seed)
     print(f"baselines ({time.perf_counter() - t0:.0f}s): "
           + ", ".join(f"{k} {v['cosine']:.4f}" for k, v in base.items()), flush=True)
     rows = [{"entry": k, **v} for k, v in base.items()]
@@ -199,7 +239,7 @@ def main() -> None:
         if args.out:
             args.out.mkdir(parents=True, exist_ok=True)
             (args.out / "results.json").write_text(json.dumps(results, indent=2, default=float))
-    md = to_markdown(rows)
+    md = to_markdown(rows) if base else ""
     print(md)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
