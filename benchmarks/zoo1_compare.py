@@ -154,7 +154,7 @@ def to_markdown(rows: list[dict]) -> str:
             f"{r['frac_cos_gt_0.85']:.4f}",
             f"{r['retrieval_acc']:.4f}",
             f"{r['params']:,}" if model else "",
-            f"{r.get('steps', '')}" if model else "",
+            f"{r.get('steps', r.get('step', ''))}" if model else "",
             f"{r['train_s']:.0f}" if model else "",
             f"{r['latency_ms_b1']:.3f}" if model else "",
             f"{r['latency_ms_b256']:.4f}" if model else "",
