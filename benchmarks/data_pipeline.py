@@ -168,7 +168,15 @@ def main() -> None:
     t0 = time.perf_counter()
     root = prepare_data(Path(args.work), args.smoke_test)
     print(f"data {root} ready in {time.perf_counter() - t0:.1f} s", flush=True)
-    ray.init(num_cpus=args.num_cpus, include_dashboard=True, log_to_driver=False)
+    for attempt in range(3):
+        try:
+            ray.init(num_cpus=args.num_cpus, include_dashboard=True, log_to_driver=False)
+            break
+        except Exception as e:  # Ray waits a fixed 30 s for its raylet; a busy machine can miss it
+            print(f"ray.init failed ({e}); retrying", flush=True)
+            ray.shutdown()
+    else:
+        sys.exit("could not start a local Ray")
     try:
         import ray.data
 
