@@ -49,8 +49,9 @@ def retention_recurrent(q, k, v, gamma, *, initial_state=None):
     b, h, t, dk = q.shape
     S = q.new_zeros(b, h, dk, v.shape[-1]) if initial_state is None else initial_state.float()
     outs = []
-    for i in range(t):
-        o_t, S = retention_step_ref(q[:, :, i], k[:, :, i], v[:, :, i], g, S)
+    # unbind, not q[:, :, i]: per-step indexing makes autograd's backward quadratic in T
+    for q_t, k_t, v_t in zip(q.unbind(2), k.unbind(2), v.unbind(2)):
+        o_t, S = retention_step_ref(q_t, k_t, v_t, g, S)
         outs.append(o_t)
     o = torch.stack(outs, dim=2) if outs else v.new_zeros(b, h, 0, v.shape[-1]).float()
     return o.to(dtype), S.to(dtype)

@@ -49,10 +49,12 @@ def ssd_recurrent_ref(x, dt, A, B, C, *, initial_state=None):
     n = B.shape[-1]
     S = x.new_zeros(b, h, p, n) if initial_state is None else initial_state.float()
     ys = []
-    for i in range(t):
-        decay = torch.exp(dt[:, i] * A)  # (B, H)
-        S = decay[..., None, None] * S + torch.einsum("bh,bhp,bhn->bhpn", dt[:, i], x[:, i], B[:, i])
-        ys.append(torch.einsum("bhpn,bhn->bhp", S, C[:, i]))
+    # unbind, not x[:, i]: per-step indexing makes autograd's backward allocate a full-size
+    # gradient per step (quadratic in T)
+    for dt_t, x_t, B_t, C_t in zip(dt.unbind(1), x.unbind(1), B.unbind(1), C.unbind(1)):
+        decay = torch.exp(dt_t * A)  # (B, H)
+        S = decay[..., None, None] * S + torch.einsum("bh,bhp,bhn->bhpn", dt_t, x_t, B_t)
+        ys.append(torch.einsum("bhpn,bhn->bhp", S, C_t))
     y = torch.stack(ys, dim=1) if ys else x.new_zeros(b, 0, h, p)
     return y.to(dtype), S.to(dtype)
 
