@@ -47,43 +47,64 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory):
-    """A real `mlflow server` on 127.0.0.1 with a SQLite store, stopped by its PID."""
+def stop_group(proc, timeout: float = 30) -> None:
+    """Stop a process started with start_new_session=True, and everything it spawned."""
+    import os
+    import signal
     import subprocess
-    import sys
+
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=timeout)
+    except ProcessLookupError:
+        pass
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def wait_http(url: str, proc, timeout: float) -> bool:
+    """True once `url` answers 200; False if `proc` exits or time runs out. Anything else
+    answering on the port (another service that took it first) counts as not ready."""
+    import http.client
     import time
     import urllib.request
 
-    root = tmp_path_factory.mktemp("mlflow")
-    port = free_port()
-    log = open(root / "server.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root}/m.db",
-         "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1",
-         "--port", str(port), "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
         try:
-            with urllib.request.urlopen(uri + "/health", timeout=2) as r:
+            with urllib.request.urlopen(url, timeout=2) as r:
                 if r.status == 200:
-                    break
-        except OSError:
+                    return True
+        except (OSError, http.client.HTTPException):
             pass
-        if proc.poll() is not None or time.time() > deadline:
-            proc.kill()
-            raise RuntimeError(f"mlflow server did not start; log:\n{(root / 'server.log').read_text()[-3000:]}")
         time.sleep(0.5)
-    yield uri
-    import os
-    import signal
+    return False
 
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` on 127.0.0.1 with a SQLite store, stopped by its PID. A port
+    can be taken by another process between choosing and binding it: then try another."""
+    import subprocess
+    import sys
+
+    root = tmp_path_factory.mktemp("mlflow")
+    for attempt in range(3):
+        port = free_port()
+        log = open(root / f"server-{attempt}.log", "w")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root}/m.db",
+             "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1",
+             "--port", str(port), "--workers", "1"],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        uri = f"http://127.0.0.1:{port}"
+        if wait_http(uri + "/health", proc, timeout=300):
+            break
+        stop_group(proc, timeout=5)
+        log.close()
+    else:
+        raise RuntimeError(f"mlflow server did not start; log:\n{(root / 'server-2.log').read_text()[-3000:]}")
+    yield uri
+    stop_group(proc, timeout=20)
     log.close()

@@ -2,16 +2,13 @@
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, free_port
+from tests.conftest import REPO, free_port, stop_group, wait_http
 
 pytestmark = pytest.mark.slow
 
@@ -34,23 +31,11 @@ def head_node(tmp_path):
         stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
     )
     address = f"http://127.0.0.1:{dash}"
-    deadline = time.time() + 180
-    while True:
-        try:
-            with urllib.request.urlopen(address + "/api/version", timeout=2):
-                break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.time() > deadline:
-            os.killpg(proc.pid, signal.SIGKILL)
-            pytest.fail(f"head node did not start:\n{(tmp_path / 'head.log').read_text()[-3000:]}")
-        time.sleep(1)
+    if not wait_http(address + "/api/version", proc, timeout=180):
+        stop_group(proc, timeout=10)
+        pytest.fail(f"head node did not start:\n{(tmp_path / 'head.log').read_text()[-3000:]}")
     yield address, env
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+    stop_group(proc, timeout=60)
     log.close()
 
 

@@ -233,11 +233,7 @@ def run_sweep(cfg: ArchlabConfig, resume: bool = False, progress=None) -> dict[s
                                       failure_config=tune.FailureConfig(max_failures=1), verbose=1),
         )
     grid = tuner.fit()
-    trials = []
-    for result in grid:
-        trial_id = (result.path or "").rstrip("/").rsplit("/", 1)[-1]
-        trials.append(_trial_outcome(result, job, parent_id))
-        log.debug("trial %s done", trial_id)
+    trials = [_trial_outcome(result, job, parent_id) for result in grid]
     decisions = finalize(job, [t for t in trials if t.get("spec")], role_parent=parent_id)
     from archlab.platform.leaderboard import leaderboard
 
@@ -250,6 +246,8 @@ def run_sweep(cfg: ArchlabConfig, resume: bool = False, progress=None) -> dict[s
 
 
 def _log_baselines(c, run_id: str, baselines: dict[str, dict[str, float]]) -> None:
+    if any(k.startswith("baseline.") for k in c.get_run(run_id).data.metrics):
+        return  # a resumed sweep: same data, same windows, already logged
     tracking.log_metrics(c, run_id, {
         f"baseline.{name}.{k}": v for name, m in baselines.items() for k, v in m.items()
         if isinstance(v, (int, float)) and not isinstance(v, bool)
