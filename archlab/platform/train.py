@@ -60,6 +60,19 @@ def build_from_spec(spec: dict[str, Any]) -> torch.nn.Module:
     )
 
 
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: parameters marked `_no_weight_decay` (SSM A/dt, decay rates; mamba's
+    convention) are never decayed, the rest get `weight_decay`."""
+    decay, keep = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (keep if getattr(p, "_no_weight_decay", False) else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if keep:
+        groups.append({"params": keep, "weight_decay": 0.0})
+    return groups
+
+
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if hasattr(model, "module") else model
 
@@ -164,7 +177,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     n_params = sum(p.numel() for p in model.parameters())
     model = ray.train.torch.prepare_model(model)
 
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    opt = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr)
     sched = (
         torch.optim.lr_scheduler.ReduceLROnPlateau(
             opt, mode="min", factor=cfg.train.plateau_factor, patience=cfg.train.plateau_patience
