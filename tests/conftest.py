@@ -32,9 +32,10 @@ def ray_local():
     1-CPU workers plus Ray Data read tasks starve and hang (STACK_NOTES)."""
     import ray
 
+    from archlab.platform.runtime import start_local_ray
+
     if not ray.is_initialized():
-        ray.init(num_cpus=8, include_dashboard=True, log_to_driver=False,
-                 runtime_env={"env_vars": {"PYTHONDONTWRITEBYTECODE": "1"}})
+        start_local_ray(8, log_to_driver=False)
     yield ray
     ray.shutdown()
 

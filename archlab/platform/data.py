@@ -57,7 +57,12 @@ def inspect_dataset(cfg: ArchlabConfig) -> DatasetInfo:
         if not paths:
             raise DataError(f"{root / 'manifest.json'}: split {split!r} lists no shards")
         for p in paths:
-            meta = read_shard_meta(p)  # unreadable / truncated / foreign files name themselves
+            try:
+                meta = read_shard_meta(p)  # unreadable / truncated / foreign files name themselves
+            except DataError:
+                if cfg.data.on_bad_rows == "skip":
+                    continue  # the validator counts it and leaves it out of the stream
+                raise
             if meta.kind != task:
                 raise DataError(f"{p}: kind expected {task!r}, found {meta.kind!r}")
             if task == "vector" and meta.dim != manifest.get("dim"):
@@ -96,7 +101,9 @@ def inspect_dataset(cfg: ArchlabConfig) -> DatasetInfo:
         separator=separator,
         files=files,
         manifest=manifest,
-        tokens_per_byte=float(manifest.get("tokens_per_byte", 1.0) or 1.0),
+        # bits-per-byte is measured on the validation split: use that split's ratio
+        tokens_per_byte=float((manifest.get("tokens_per_byte_by_split") or {}).get(cfg.data.valid_split)
+                              or manifest.get("tokens_per_byte", 1.0) or 1.0),
     )
 
 

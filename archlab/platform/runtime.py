@@ -56,13 +56,50 @@ def init_ray(cfg: ArchlabConfig):
     if ray.is_initialized():
         return ray
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
-    env = {"env_vars": {"PYTHONDONTWRITEBYTECODE": "1", "TOKENIZERS_PARALLELISM": "false"}}
     if address:
-        ray.init(address=address, runtime_env=env, log_to_driver=True)
+        ray.init(address=address, runtime_env={"env_vars": dict(_ENV)}, log_to_driver=True)
     else:
-        num_cpus = cfg.ray.num_cpus or max(8, 2 * (os.cpu_count() or 2))
-        ray.init(num_cpus=num_cpus, include_dashboard=True, runtime_env=env)
+        start_local_ray(cfg.ray.num_cpus or max(8, 2 * (os.cpu_count() or 2)))
     return ray
+
+
+_ENV = {"PYTHONDONTWRITEBYTECODE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def start_local_ray(num_cpus: int, **kwargs) -> str:
+    """Start a local Ray whose address every task and actor of this job knows.
+
+    Ray's own actors (Train's PlacementGroupCleaner) look the cluster up by RAY_ADDRESS or
+    by scanning the machine, and the scan fails when several Ray instances share a
+    machine ("Found multiple active Ray instances"). So the GCS port is chosen first
+    (RAY_GCS_SERVER_PORT, read by Ray when it starts a head) and RAY_ADDRESS goes into the
+    job's runtime_env. Returns the GCS address."""
+    import socket
+
+    import ray
+    from ray._private.services import get_node_ip_address
+
+    for attempt in range(3):
+        with socket.socket() as sock:
+            sock.bind(("", 0))
+            port = sock.getsockname()[1]
+        address = f"{get_node_ip_address()}:{port}"
+        old = os.environ.get("RAY_GCS_SERVER_PORT")
+        os.environ["RAY_GCS_SERVER_PORT"] = str(port)
+        try:
+            ray.init(num_cpus=num_cpus, include_dashboard=True,
+                     runtime_env={"env_vars": {**_ENV, "RAY_ADDRESS": address}}, **kwargs)
+            return address
+        except Exception as e:  # the port was taken between choosing and binding it
+            if attempt == 2 or ray.is_initialized():
+                raise
+            log.warning("local Ray did not start on GCS port %d (%s); trying another", port, e)
+        finally:  # never leak the port choice into child processes
+            if old is None:
+                os.environ.pop("RAY_GCS_SERVER_PORT", None)
+            else:
+                os.environ["RAY_GCS_SERVER_PORT"] = old
+    raise AssertionError("unreachable")
 
 
 def choose_precision(requested: str, device) -> str:

@@ -229,6 +229,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
             local_shuffle_seed=cfg.train.seed + epoch if cfg.data.shuffle_buffer else None,
             drop_last=True,  # equal shards + equal batch counts: no DDP collective waits forever
+            prefetch_batches=2,  # keep windows ready while the step computes
         ))
         opt.zero_grad(set_to_none=True)
         while True:

@@ -14,8 +14,10 @@ def linear_scan_ref(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None = 
     if a.shape != b.shape or a.dim() != 3:
         raise ValueError(f"a and b must both be [B, T, D]; found {list(a.shape)} and {list(b.shape)}")
     dtype = b.dtype
-    a32, b32 = a.float(), b.float()
-    h = torch.zeros_like(b32[:, 0]) if h0 is None else h0.float()
+    # at least fp32 (bf16/fp16 inputs), fp64 stays fp64
+    ct = torch.promote_types(b.dtype, torch.float32)
+    a32, b32 = a.to(ct), b.to(ct)
+    h = torch.zeros_like(b32[:, 0]) if h0 is None else h0.to(ct)
     out = []
     # unbind, not a32[:, t]: indexing one step at a time would make autograd's backward
     # allocate a full [B, T, D] gradient per step (quadratic in T)

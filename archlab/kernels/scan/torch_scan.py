@@ -111,8 +111,9 @@ def linear_scan_torch(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None 
     chunk = chunk_size or default_chunk(t)
     if chunk < 1:
         raise ValueError(f"chunk_size must be >= 1; found {chunk}")
-    a32, b32 = a.float().contiguous(), b.float().contiguous()
-    h032 = None if h0 is None else h0.float().contiguous()
+    ct = torch.promote_types(b.dtype, torch.float32)  # at least fp32; fp64 stays fp64
+    a32, b32 = a.to(ct).contiguous(), b.to(ct).contiguous()
+    h032 = None if h0 is None else h0.to(ct).contiguous()
     h = _LinearScan.apply(a32, b32, h032, chunk)
     h_T = h[:, -1] if t > 0 else (b32.new_zeros(b.shape[0], b.shape[2]) if h0 is None else h032)
     return h.to(dtype), h_T.to(dtype)
