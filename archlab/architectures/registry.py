@@ -11,8 +11,11 @@ Module contract (every `architectures/<name>.py`):
 - `FLAVORS: dict[str, Config]` with at least `debug` (tiny, CPU, seconds).
 - `build(config, d_input) -> nn.Module`: the causal backbone. It maps
   [B, T, d_input] -> [B, T, module.d_model] (set `self.d_model`), output t depends only
-  on inputs <= t. Optional `step(x_t, state) -> (y_t, state)` / `init_state(batch)` for
-  recurrent stepping.
+  on inputs <= t. Backbones that can step expose `init_state(batch, device=None)` and
+  `step(x_t [B, d_input], state) -> (y_t [B, d_model], state)`, equal to the parallel forward.
+- `PARAM_COUNTS: dict[str, int]`: the exact parameter count of
+  `build_model(name, "vector", FLAVORS[flavor], d_in=768)` per documented flavor (token task
+  with vocab 256 for vector-less architectures); the zoo invariant tests check it.
 - optional `INPUT_PROJECTION = False`: the vector input goes straight into the backbone
   (the seed LSTM) instead of through Linear(d_in -> d_model).
 - optional `build_head(config, d_model, d_out) -> nn.Module`: replaces the default

@@ -265,13 +265,16 @@ def _trial_outcome(result, job: Job, parent_id: str) -> dict[str, Any]:
                          max_results=5000)
     run = next((r for r in runs if r.data.tags.get(tracking.TAG_TRIAL) == str(trial_id)), None)
     ckpt_dir = metrics.get("checkpoint_path")
-    out = {"trial_id": trial_id, "metrics": metrics, "run_id": run.info.run_id if run else None,
-           "error": repr(result.error) if result.error else None}
+    metric, _ = job.cfg.metric()
+    error = repr(result.error) if result.error else None
+    if error is None and metric not in metrics:
+        error = f"no result reported (the trial ended before its first evaluation: no {metric})"
+    out = {"trial_id": trial_id, "metrics": metrics, "run_id": run.info.run_id if run else None, "error": error}
     if ckpt_dir and Path(ckpt_dir, "model_spec.json").exists():
         out["spec"] = json.loads(Path(ckpt_dir, "model_spec.json").read_text())
         out["checkpoint"] = ckpt_dir
     if run is not None:
-        c.set_terminated(run.info.run_id, "FAILED" if result.error else "FINISHED")
+        c.set_terminated(run.info.run_id, "FAILED" if error else "FINISHED")
     return out
 
 
