@@ -55,3 +55,18 @@ def test_champion_moves_only_to_a_better_model(tmp_path, windows):
     versions = tracking.list_models(uri, "archlab-vector-fixed")
     assert [v["version"] for v in versions] == [3, 2, 1]  # nothing lost
     assert versions[1]["aliases"] == ["champion"]
+
+
+@pytest.mark.slow
+def test_registration_and_promotion_through_a_tracking_server(mlflow_server, windows):
+    """The same rules against a real `mlflow server` (it validates sources a SQLite store accepts)."""
+    exp = tracking.experiment_id(tracking.client(mlflow_server), "champion-server-test")
+    first = _register(mlflow_server, exp, Fixed(-1.0), windows)
+    better = _register(mlflow_server, exp, Fixed(1.0), windows)
+    assert first["promoted"] and better["promoted"] and better["version"] != first["version"]
+    import mlflow.pytorch
+
+    mlflow.set_tracking_uri(mlflow_server)
+    champ = mlflow.pytorch.load_model("models:/archlab-vector-fixed@champion")
+    x = torch.as_tensor(windows[:4, :-1])
+    torch.testing.assert_close(champ(x), Fixed(1.0)(x))

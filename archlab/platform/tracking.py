@@ -171,7 +171,10 @@ def register_and_maybe_promote(
         c.get_registered_model(name)
     except Exception:
         c.create_registered_model(name, description=f"archlab {tags.get('task')} models, architecture {tags.get('arch')}")
-    mv = c.create_model_version(name, model_uri, run_id=tags.get("run_id"), tags=tags)
+    # mlflow.register_model resolves MLflow 3's `models:/m-...` logged-model URIs; a raw
+    # create_model_version with that URI is accepted by a SQLite store but refused (400)
+    # by a tracking server.
+    mv = mlflow.register_model(model_uri, name, tags=tags, await_registration_for=60)
     higher = task == "vector"
     new_score = evaluate_windows(candidate, windows, task)
     decision = {"name": name, "version": mv.version, "score": new_score, "promoted": False}
