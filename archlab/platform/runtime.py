@@ -87,7 +87,9 @@ def start_local_ray(num_cpus: int, **kwargs) -> str:
         old = os.environ.get("RAY_GCS_SERVER_PORT")
         os.environ["RAY_GCS_SERVER_PORT"] = str(port)
         try:
-            ray.init(num_cpus=num_cpus, include_dashboard=True,
+            # address="local": without it, ray.init() attaches to any cluster a `ray start`
+            # left on this machine instead of starting ours
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=True,
                      runtime_env={"env_vars": {**_ENV, "RAY_ADDRESS": address}}, **kwargs)
             return address
         except Exception as e:  # the port was taken between choosing and binding it
