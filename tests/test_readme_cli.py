@@ -4,6 +4,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import REPO
 
 
@@ -55,3 +57,24 @@ def test_archs_lists_every_registered_architecture():
     for spec in list_specs():
         assert spec.name in out.stdout
     assert "unavailable" not in out.stdout, out.stdout
+
+
+@pytest.mark.slow
+def test_demo_smoke_leaves_a_champion_in_the_store_it_is_given(tmp_path):
+    """The issue's check, verbatim: MLFLOW_TRACKING_URI=sqlite:///<tmp>/m.db archlab demo --smoke-test."""
+    import os
+    from pathlib import Path
+
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/m.db"}
+    env.pop("RAY_ADDRESS", None)
+    archlab = str(Path(sys.executable).parent / "archlab")
+    out = subprocess.run([archlab, "demo", "--smoke-test"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=1800)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+    assert "linear_average" in out.stdout and "champion" in out.stdout
+    from archlab.platform.tracking import list_models
+
+    models = list_models(f"sqlite:///{tmp_path}/m.db", "archlab-vector")
+    assert {m["name"] for m in models} == {"archlab-vector-lstm", "archlab-vector-transformer"}
+    assert all(any("champion" in m["aliases"] for m in models if m["name"] == n) for n in {m["name"] for m in models})
+    assert (tmp_path / "archlab_runs").is_dir() and not (tmp_path / "mlflow.db").exists()

@@ -227,7 +227,8 @@ def run_sweep(cfg: ArchlabConfig, resume: bool = False, progress=None) -> dict[s
                                         grace_period=min(cfg.sweep.grace_period, cfg.train.epochs),
                                         reduction_factor=cfg.sweep.reduction_factor),
                 num_samples=cfg.sweep.num_samples,
-                max_concurrent_trials=n_conc,
+                # the ConcurrencyLimiter above enforces n_conc; Tune ignores (and warns about)
+                # max_concurrent_trials when the searcher is already limited
             ),
             run_config=tune.RunConfig(name=sweep_id, storage_path=job.storage,
                                       failure_config=tune.FailureConfig(max_failures=1), verbose=1),
