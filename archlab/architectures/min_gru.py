@@ -83,11 +83,14 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: Config):
+    """Pre-norm residual block around a scan mixer (`mixer_cls(d, d_hidden, kernel)`:
+    MinGRU here, MinLSTM in min_lstm.py), then an optional MLP sub-block."""
+
+    def __init__(self, config, mixer_cls=None):
         super().__init__()
         d, dh = config.d_model, config.expand * config.d_model
         self.norm1 = nn.RMSNorm(d)
-        self.rnn = MinGRU(d, dh, config.kernel)
+        self.rnn = (mixer_cls or MinGRU)(d, dh, config.kernel)
         self.out_proj = nn.Linear(dh, d)
         self.mlp = None
         if config.mlp_expand > 0:
@@ -107,7 +110,9 @@ class Block(nn.Module):
 
 
 class MinGRUBackbone(nn.Module):
-    def __init__(self, config: Config, d_input: int):
+    """A stack of `Block`s; min_lstm.py builds the same stack with its MinLSTM mixer."""
+
+    def __init__(self, config, d_input: int, mixer_cls=None):
         super().__init__()
         for name in ("d_model", "n_layers", "expand"):
             if getattr(config, name) < 1:
@@ -116,7 +121,7 @@ class MinGRUBackbone(nn.Module):
         self.d_hidden = config.expand * config.d_model
         # the residual stream has width d_model; project other input widths onto it
         self.in_proj = nn.Identity() if d_input == config.d_model else nn.Linear(d_input, config.d_model)
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.blocks = nn.ModuleList(Block(config, mixer_cls) for _ in range(config.n_layers))
         self.norm = nn.RMSNorm(config.d_model)
 
     @property

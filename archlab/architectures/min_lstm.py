@@ -76,76 +76,8 @@ class MinLSTM(nn.Module):
         return h.to(x_t.dtype), h
 
 
-class MLP(nn.Module):
-    def __init__(self, d: int, hidden: int):
-        super().__init__()
-        self.fc = nn.Linear(d, hidden)
-        self.out = nn.Linear(hidden, d)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out(F.gelu(self.fc(x)))
-
-
-class Block(nn.Module):
-    def __init__(self, config: Config):
-        super().__init__()
-        d, dh = config.d_model, config.expand * config.d_model
-        self.norm1 = nn.RMSNorm(d)
-        self.rnn = MinLSTM(d, dh, config.kernel)
-        self.out_proj = nn.Linear(dh, d)
-        self.mlp = None
-        if config.mlp_expand > 0:
-            self.norm2 = nn.RMSNorm(d)
-            self.mlp = MLP(d, config.mlp_expand * d)
-
-    def _mlp(self, x):
-        return x if self.mlp is None else x + self.mlp(self.norm2(x))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h, _ = self.rnn(self.norm1(x))
-        return self._mlp(x + self.out_proj(h))
-
-    def step(self, x_t: torch.Tensor, h: torch.Tensor):
-        y, h = self.rnn.step(self.norm1(x_t), h)
-        return self._mlp(x_t + self.out_proj(y)), h
-
-
-class MinLSTMBackbone(nn.Module):
-    def __init__(self, config: Config, d_input: int):
-        super().__init__()
-        for name in ("d_model", "n_layers", "expand"):
-            if getattr(config, name) < 1:
-                raise ValueError(f"model.{name} must be >= 1, found {getattr(config, name)}")
-        self.d_model = config.d_model
-        self.d_hidden = config.expand * config.d_model
-        # the residual stream has width d_model; project other input widths onto it
-        self.in_proj = nn.Identity() if d_input == config.d_model else nn.Linear(d_input, config.d_model)
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
-        self.norm = nn.RMSNorm(config.d_model)
-
-    @property
-    def kernel_path(self) -> str:
-        """Which linear_scan path the last forward ran (step() is always the plain recurrence)."""
-        return f"scan:{self.blocks[0].rnn.last_path or 'not run yet'}"
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, d_input] -> [B, T, d_model]
-        x = self.in_proj(x)
-        for block in self.blocks:
-            x = block(x)
-        return self.norm(x)
-
-    def init_state(self, batch: int, device=None):
-        # one fp32 hidden state per layer, [B, d_hidden]
-        return [torch.zeros(batch, self.d_hidden, device=device) for _ in self.blocks]
-
-    def step(self, x_t: torch.Tensor, state):  # [B, d_input] -> [B, d_model]
-        x_t = self.in_proj(x_t)
-        new_state = []
-        for block, h in zip(self.blocks, state):
-            x_t, h = block.step(x_t, h)
-            new_state.append(h)
-        return self.norm(x_t), new_state
-
-
 def build(config: Config, d_input: int) -> nn.Module:
-    return MinLSTMBackbone(config, d_input)
+    # the same pre-norm residual stack as minGRU (composition, not a copy): only the mixer differs
+    from archlab.architectures.min_gru import MinGRUBackbone
+
+    return MinGRUBackbone(config, d_input, mixer_cls=MinLSTM)
