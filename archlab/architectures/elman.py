@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from archlab.architectures.common import SteppedStack
+
 CONSTRAINTS = ("free", "spectral_norm", "scaled_orthogonal")
 LOG_ZERO = -80.0  # log|h| of the zero state; exp(-80) ~ 2e-35 is still a normal fp32 number
 LOG_EPS = 1e-30  # keeps log|x| finite at x == 0
@@ -200,10 +202,14 @@ class Block(nn.Module):
         y, state = self.rnn.step(self.norm(x_t), state)
         return x_t + self.out_proj(y), state
 
+    def init_state(self, batch: int, device=None):
+        return self.rnn.init_state(batch, device)
 
-class ElmanBackbone(nn.Module):
+
+class ElmanBackbone(SteppedStack):
+    layers_name = "blocks"
+
     def __init__(self, config: Config, d_input: int):
-        super().__init__()
         if config.constraint not in CONSTRAINTS:
             raise ValueError(f"model.constraint must be one of {CONSTRAINTS}, found {config.constraint!r}")
         for name in ("d_model", "n_layers", "expand"):
@@ -215,30 +221,12 @@ class ElmanBackbone(nn.Module):
                              f"width expand * d_model = {dh}")
         if not 0 < config.radius <= 1:
             raise ValueError(f"model.radius must be in (0, 1], found {config.radius}")
-        self.d_model = config.d_model
-        self.in_proj = nn.Identity() if d_input == config.d_model else nn.Linear(d_input, config.d_model)
-        self.blocks = nn.ModuleList(Block(config.d_model, config) for _ in range(config.n_layers))
-        self.norm = nn.RMSNorm(config.d_model)
+        super().__init__(d_input, config.d_model,
+                         (Block(config.d_model, config) for _ in range(config.n_layers)),
+                         nn.RMSNorm(config.d_model))
 
     # h_t is non-linear in h_{t-1}: no scan kernel applies, forward is always the loop
     kernel_path = "loop"
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, d_input] -> [B, T, d_model]
-        x = self.in_proj(x)
-        for block in self.blocks:
-            x = block(x)
-        return self.norm(x)
-
-    def init_state(self, batch: int, device=None):
-        return [block.rnn.init_state(batch, device) for block in self.blocks]
-
-    def step(self, x_t: torch.Tensor, state):  # [B, d_input] -> [B, d_model]
-        x_t = self.in_proj(x_t)
-        new_state = []
-        for block, s in zip(self.blocks, state):
-            x_t, s = block.step(x_t, s)
-            new_state.append(s)
-        return self.norm(x_t), new_state
 
 
 def build(config: Config, d_input: int) -> nn.Module:

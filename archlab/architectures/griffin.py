@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from archlab.architectures.hawk import RecurrentBlock, ResidualBlock, _rnn_width
+from archlab.architectures.common import SteppedStack
+from archlab.architectures.hawk import RecurrentBlock, _rnn_width, residual_block
 
 MIXERS = ("rglru", "local_attn")
 
@@ -140,26 +141,27 @@ class LocalMQA(nn.Module):
         return y, {"k": keys, "v": vals, "pos": state["pos"] + 1}
 
 
-class GriffinBackbone(nn.Module):
+class GriffinBackbone(SteppedStack):
+    layers_name = "blocks"
+
     def __init__(self, config: Config, d_input: int):
-        super().__init__()
         if not config.pattern or any(m not in MIXERS for m in config.pattern):
             raise ValueError(f"model.pattern must be a non-empty list of {MIXERS}, found {config.pattern}")
         if config.d_model < 1 or config.n_layers < 1:
             raise ValueError(f"model.d_model and model.n_layers must be >= 1, found "
                              f"{config.d_model} and {config.n_layers}")
-        d = self.d_model = config.d_model
+        d = config.d_model
         d_rnn = _rnn_width(d, config.rnn_expand, config.rnn_heads)
-        self.layer_kinds = [config.pattern[i % len(config.pattern)] for i in range(config.n_layers)]
-        self.in_proj = nn.Identity() if d_input == d else nn.Linear(d_input, d)
+        kinds = [config.pattern[i % len(config.pattern)] for i in range(config.n_layers)]
 
         def mixer(kind: str) -> nn.Module:
             if kind == "rglru":
                 return RecurrentBlock(d, d_rnn, config.rnn_heads, config.conv_width, config.c, config.kernel)
             return LocalMQA(d, config.n_heads, config.window, config.rope_base)
 
-        self.blocks = nn.ModuleList(ResidualBlock(d, mixer(kind), config.mlp_expand) for kind in self.layer_kinds)
-        self.norm = nn.RMSNorm(d)
+        super().__init__(d_input, d, (residual_block(d, mixer(kind), config.mlp_expand) for kind in kinds),
+                         nn.RMSNorm(d))
+        self.layer_kinds = kinds
 
     @property
     def kernel_path(self) -> str:
@@ -167,23 +169,6 @@ class GriffinBackbone(nn.Module):
         lrus = [b.mixer.lru for b in self.blocks if isinstance(b.mixer, RecurrentBlock)]
         scan = (lrus[0].last_path or "not run yet") if lrus else "none"
         return f"scan:{scan}+local_attn:sdpa"
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, d_input] -> [B, T, d_model]
-        x = self.in_proj(x)
-        for block in self.blocks:
-            x = block(x)
-        return self.norm(x)
-
-    def init_state(self, batch: int, device=None):
-        return [block.init_state(batch, device) for block in self.blocks]
-
-    def step(self, x_t: torch.Tensor, state):  # [B, d_input] -> [B, d_model]
-        x_t = self.in_proj(x_t)
-        new_state = []
-        for block, s in zip(self.blocks, state):
-            x_t, s = block.step(x_t, s)
-            new_state.append(s)
-        return self.norm(x_t), new_state
 
 
 def build(config: Config, d_input: int) -> nn.Module:

@@ -16,7 +16,7 @@ Recurrent block (the paper's figure 2):
 Residual block: x = x + RecurrentBlock(RMSNorm(x)); x = x + GatedMLP(RMSNorm(x)),
 GatedMLP(x) = W_down(GeLU(W_1 x) * W_2 x) with expansion `mlp_expand` (3 in the paper).
 
-`RecurrentBlock` and `GatedMLP` are reused by griffin.py (hybrids are compositions).
+`RecurrentBlock` and `residual_block` are reused by griffin.py (hybrids are compositions).
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from archlab.architectures.common import LinearScanRecurrence, PreNormBlock, SteppedStack
 
 
 @dataclass
@@ -76,13 +78,12 @@ class BlockDiagonalLinear(nn.Module):
         return y.flatten(-2)
 
 
-class RGLRU(nn.Module):
+class RGLRU(LinearScanRecurrence):
     """Real-Gated Linear Recurrent Unit: x [B, T, D] -> h [B, T, D] (plus the final state)."""
 
     def __init__(self, width: int, heads: int, c: float, kernel: str):
-        super().__init__()
-        self.c, self.kernel = c, kernel
-        self.last_path = None  # the linear_scan path the last forward ran
+        super().__init__(kernel)
+        self.c = c
         self.gate_a = BlockDiagonalLinear(width, heads)
         self.gate_x = BlockDiagonalLinear(width, heads)
         # a^c ~ U[0.9, 0.999]  =>  a = u^(1/c),  Lambda = logit(a)
@@ -106,20 +107,6 @@ class RGLRU(nn.Module):
             # sqrt's gradient finite where a_t rounds to 1
             mult = torch.sqrt(torch.clamp_min(-torch.expm1(2.0 * log_a), 1e-12))
             return a, mult * (i * x32)
-
-    def forward(self, x: torch.Tensor, h0: torch.Tensor | None = None):
-        from archlab.kernels._dispatch import resolve_kernel
-        from archlab.kernels.scan import linear_scan
-
-        a, b = self.coefficients(x)
-        self.last_path = resolve_kernel("scan", self.kernel, x.device)
-        h, h_last = linear_scan(a, b, h0, kernel=self.last_path)
-        return h.to(x.dtype), h_last
-
-    def step(self, x_t: torch.Tensor, h: torch.Tensor):
-        a, b = self.coefficients(x_t)
-        h = a * h + b
-        return h.to(x_t.dtype), h
 
 
 class CausalConv1d(nn.Module):
@@ -182,64 +169,31 @@ class GatedMLP(nn.Module):
         return self.down(F.gelu(a) * b)
 
 
-class ResidualBlock(nn.Module):
+def residual_block(d: int, mixer: nn.Module, mlp_expand: int) -> PreNormBlock:
     """x + mixer(RMSNorm(x)), then x + GatedMLP(RMSNorm(x)); the mixer has forward/step."""
-
-    def __init__(self, d: int, mixer: nn.Module, mlp_expand: int):
-        super().__init__()
-        self.norm1, self.mixer = nn.RMSNorm(d), mixer
-        self.norm2, self.mlp = nn.RMSNorm(d), GatedMLP(d, mlp_expand * d)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.mixer(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
-
-    def init_state(self, batch: int, device=None):
-        return self.mixer.init_state(batch, device)
-
-    def step(self, x_t: torch.Tensor, state):
-        y, state = self.mixer.step(self.norm1(x_t), state)
-        x_t = x_t + y
-        return x_t + self.mlp(self.norm2(x_t)), state
+    return PreNormBlock(nn.RMSNorm(d), mixer, nn.RMSNorm(d), GatedMLP(d, mlp_expand * d))
 
 
-class HawkBackbone(nn.Module):
+class HawkBackbone(SteppedStack):
+    layers_name = "blocks"
+
     def __init__(self, config: Config, d_input: int):
-        super().__init__()
         if config.d_model < 1 or config.n_layers < 1:
             raise ValueError(f"model.d_model and model.n_layers must be >= 1, found "
                              f"{config.d_model} and {config.n_layers}")
-        d = self.d_model = config.d_model
+        d = config.d_model
         d_rnn = _rnn_width(d, config.rnn_expand, config.rnn_heads)
-        self.in_proj = nn.Identity() if d_input == d else nn.Linear(d_input, d)
-        self.blocks = nn.ModuleList(
-            ResidualBlock(d, RecurrentBlock(d, d_rnn, config.rnn_heads, config.conv_width,
-                                            config.c, config.kernel), config.mlp_expand)
+        blocks = (
+            residual_block(d, RecurrentBlock(d, d_rnn, config.rnn_heads, config.conv_width,
+                                             config.c, config.kernel), config.mlp_expand)
             for _ in range(config.n_layers)
         )
-        self.norm = nn.RMSNorm(d)
+        super().__init__(d_input, d, blocks, nn.RMSNorm(d))
 
     @property
     def kernel_path(self) -> str:
         """Which linear_scan path the last forward ran (step() is always the plain recurrence)."""
         return f"scan:{self.blocks[0].mixer.lru.last_path or 'not run yet'}"
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, d_input] -> [B, T, d_model]
-        x = self.in_proj(x)
-        for block in self.blocks:
-            x = block(x)
-        return self.norm(x)
-
-    def init_state(self, batch: int, device=None):
-        return [block.init_state(batch, device) for block in self.blocks]
-
-    def step(self, x_t: torch.Tensor, state):  # [B, d_input] -> [B, d_model]
-        x_t = self.in_proj(x_t)
-        new_state = []
-        for block, s in zip(self.blocks, state):
-            x_t, s = block.step(x_t, s)
-            new_state.append(s)
-        return self.norm(x_t), new_state
 
 
 def build(config: Config, d_input: int) -> nn.Module:

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from archlab.architectures.common import LinearScanRecurrence, SteppedStack
+
 
 @dataclass
 class Config:
@@ -40,14 +42,12 @@ FLAVORS = {
 PARAM_COUNTS = {"debug": 71104, "seed": 22845184}
 
 
-class MinGRU(nn.Module):
+class MinGRU(LinearScanRecurrence):
     """x [B, T, d] -> h [B, T, d_hidden]; the gates depend on x only, so it is a linear scan."""
 
     def __init__(self, d: int, d_hidden: int, kernel: str):
-        super().__init__()
+        super().__init__(kernel)
         self.d_hidden = d_hidden
-        self.kernel = kernel
-        self.last_path = None  # the linear_scan path the last forward ran
         # one matmul for gate and candidate
         self.in_proj = nn.Linear(d, 2 * d_hidden)
 
@@ -56,20 +56,6 @@ class MinGRU(nn.Module):
         k, c = self.in_proj(x).to(torch.promote_types(x.dtype, torch.float32)).chunk(2, dim=-1)
         z = torch.sigmoid(k)
         return 1.0 - z, z * c
-
-    def forward(self, x: torch.Tensor, h0: torch.Tensor | None = None):
-        from archlab.kernels._dispatch import resolve_kernel
-        from archlab.kernels.scan import linear_scan
-
-        a, b = self.coefficients(x)
-        self.last_path = resolve_kernel("scan", self.kernel, x.device)
-        h, h_last = linear_scan(a, b, h0, kernel=self.last_path)
-        return h.to(x.dtype), h_last
-
-    def step(self, x_t: torch.Tensor, h: torch.Tensor):
-        a, b = self.coefficients(x_t)
-        h = a * h + b
-        return h.to(x_t.dtype), h
 
 
 class MLP(nn.Module):
@@ -97,6 +83,9 @@ class Block(nn.Module):
             self.norm2 = nn.RMSNorm(d)
             self.mlp = MLP(d, config.mlp_expand * d)
 
+    def init_state(self, batch: int, device=None) -> torch.Tensor:
+        return torch.zeros(batch, self.rnn.d_hidden, device=device)  # fp32, [B, d_hidden]
+
     def _mlp(self, x):
         return x if self.mlp is None else x + self.mlp(self.norm2(x))
 
@@ -109,43 +98,24 @@ class Block(nn.Module):
         return self._mlp(x_t + self.out_proj(y)), h
 
 
-class MinGRUBackbone(nn.Module):
+class MinGRUBackbone(SteppedStack):
     """A stack of `Block`s; min_lstm.py builds the same stack with its MinLSTM mixer."""
 
+    layers_name = "blocks"
+
     def __init__(self, config, d_input: int, mixer_cls=None):
-        super().__init__()
         for name in ("d_model", "n_layers", "expand"):
             if getattr(config, name) < 1:
                 raise ValueError(f"model.{name} must be >= 1, found {getattr(config, name)}")
-        self.d_model = config.d_model
+        super().__init__(d_input, config.d_model,
+                         (Block(config, mixer_cls) for _ in range(config.n_layers)),
+                         nn.RMSNorm(config.d_model))
         self.d_hidden = config.expand * config.d_model
-        # the residual stream has width d_model; project other input widths onto it
-        self.in_proj = nn.Identity() if d_input == config.d_model else nn.Linear(d_input, config.d_model)
-        self.blocks = nn.ModuleList(Block(config, mixer_cls) for _ in range(config.n_layers))
-        self.norm = nn.RMSNorm(config.d_model)
 
     @property
     def kernel_path(self) -> str:
         """Which linear_scan path the last forward ran (step() is always the plain recurrence)."""
         return f"scan:{self.blocks[0].rnn.last_path or 'not run yet'}"
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, d_input] -> [B, T, d_model]
-        x = self.in_proj(x)
-        for block in self.blocks:
-            x = block(x)
-        return self.norm(x)
-
-    def init_state(self, batch: int, device=None):
-        # one fp32 hidden state per layer, [B, d_hidden]
-        return [torch.zeros(batch, self.d_hidden, device=device) for _ in self.blocks]
-
-    def step(self, x_t: torch.Tensor, state):  # [B, d_input] -> [B, d_model]
-        x_t = self.in_proj(x_t)
-        new_state = []
-        for block, h in zip(self.blocks, state):
-            x_t, h = block.step(x_t, h)
-            new_state.append(h)
-        return self.norm(x_t), new_state
 
 
 def build(config: Config, d_input: int) -> nn.Module:

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from archlab.architectures.common import LinearScanRecurrence
+
 
 @dataclass
 class Config:
@@ -42,14 +44,12 @@ FLAVORS = {
 PARAM_COUNTS = {"debug": 75328, "seed": 25997056}
 
 
-class MinLSTM(nn.Module):
+class MinLSTM(LinearScanRecurrence):
     """x [B, T, d] -> h [B, T, d_hidden]; the gates depend on x only, so it is a linear scan."""
 
     def __init__(self, d: int, d_hidden: int, kernel: str):
-        super().__init__()
+        super().__init__(kernel)
         self.d_hidden = d_hidden
-        self.kernel = kernel
-        self.last_path = None  # the linear_scan path the last forward ran
         # one matmul for forget gate, input gate and candidate
         self.in_proj = nn.Linear(d, 3 * d_hidden)
 
@@ -60,20 +60,6 @@ class MinLSTM(nn.Module):
         # of log-gates: the same value, computed without dividing by a tiny f + i
         w = torch.softmax(torch.stack([F.logsigmoid(kf), F.logsigmoid(ki)]), dim=0)
         return w[0], w[1] * c
-
-    def forward(self, x: torch.Tensor, h0: torch.Tensor | None = None):
-        from archlab.kernels._dispatch import resolve_kernel
-        from archlab.kernels.scan import linear_scan
-
-        a, b = self.coefficients(x)
-        self.last_path = resolve_kernel("scan", self.kernel, x.device)
-        h, h_last = linear_scan(a, b, h0, kernel=self.last_path)
-        return h.to(x.dtype), h_last
-
-    def step(self, x_t: torch.Tensor, h: torch.Tensor):
-        a, b = self.coefficients(x_t)
-        h = a * h + b
-        return h.to(x_t.dtype), h
 
 
 def build(config: Config, d_input: int) -> nn.Module:
