@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from archlab.architectures.common import PreNormBlock, Stack, gelu_mlp
+
 
 @dataclass
 class Config:
@@ -145,34 +147,17 @@ class HyenaOperator(nn.Module):
         return self.out_proj((x[0] * v).transpose(1, 2))
 
 
-class HyenaBlock(nn.Module):
-    def __init__(self, cfg: Config):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(cfg.d_model)
-        self.mixer = HyenaOperator(cfg)
-        self.norm2 = nn.LayerNorm(cfg.d_model)
-        self.mlp = nn.Sequential(nn.Linear(cfg.d_model, cfg.d_ff), nn.GELU(), nn.Linear(cfg.d_ff, cfg.d_model))
-        self.drop = nn.Dropout(cfg.dropout)
+class HyenaBackbone(Stack):
+    """Pre-LayerNorm residual blocks: x + Hyena(LN(x)), then x + MLP(LN(x)); no step."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop(self.mixer(self.norm1(x)))
-        return x + self.drop(self.mlp(self.norm2(x)))
-
-
-class HyenaBackbone(nn.Module):
     def __init__(self, cfg: Config, d_input: int):
-        super().__init__()
-        self.d_model = cfg.d_model
+        blocks = (
+            PreNormBlock(nn.LayerNorm(cfg.d_model), HyenaOperator(cfg), nn.LayerNorm(cfg.d_model),
+                         gelu_mlp(cfg.d_model, cfg.d_ff), dropout=cfg.dropout)
+            for _ in range(cfg.n_layers)
+        )
+        super().__init__(d_input, cfg.d_model, blocks, nn.LayerNorm(cfg.d_model))
         self.kernel_path = "fft" if cfg.kernel == "auto" else cfg.kernel
-        self.in_proj = nn.Identity() if d_input == cfg.d_model else nn.Linear(d_input, cfg.d_model)
-        self.layers = nn.ModuleList(HyenaBlock(cfg) for _ in range(cfg.n_layers))
-        self.norm = nn.LayerNorm(cfg.d_model)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, d_input] -> [B, T, d_model]
-        h = self.in_proj(x)
-        for layer in self.layers:
-            h = layer(h)
-        return self.norm(h)
 
 
 def build(config: Config, d_input: int) -> nn.Module:

@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from archlab.architectures.common import PreNormBlock, SteppedStack, gelu_mlp
+
 
 @dataclass
 class Config:
@@ -105,6 +107,11 @@ class MultiScaleRetention(nn.Module):
                          kernel=self.kernel)
         return self._out(x, o.transpose(1, 2).to(x.dtype))  # o (B, T, H, dv)
 
+    def init_state(self, batch: int, device=None):
+        # >= fp32 states: retention_step keeps an fp32 state fp32 (long bf16 decodes)
+        dtype = torch.promote_types(self.q.weight.dtype, torch.float32)
+        return torch.zeros(batch, self.H, self.dk, self.dv, device=device, dtype=dtype), 0
+
     def step(self, x_t: torch.Tensor, state):  # x_t [B, D]; state (S [B, H, dk, dv], t)
         from archlab.kernels.retention import retention_step
 
@@ -114,35 +121,19 @@ class MultiScaleRetention(nn.Module):
         return self._out(x_t, o.to(x_t.dtype)), (S, t + 1)
 
 
-class RetNetBlock(nn.Module):
-    def __init__(self, cfg: Config):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(cfg.d_model)
-        self.msr = MultiScaleRetention(cfg)
-        self.norm2 = nn.LayerNorm(cfg.d_model)
-        self.ffn = nn.Sequential(nn.Linear(cfg.d_model, cfg.d_ff), nn.GELU(),
-                                 nn.Linear(cfg.d_ff, cfg.d_model))
-        self.drop = nn.Dropout(cfg.dropout)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop(self.msr(self.norm1(x)))
-        return x + self.drop(self.ffn(self.norm2(x)))
-
-    def step(self, x_t: torch.Tensor, state):
-        y, state = self.msr.step(self.norm1(x_t), state)
-        x_t = x_t + y
-        return x_t + self.ffn(self.norm2(x_t)), state
+def retnet_block(cfg: Config) -> PreNormBlock:
+    """x + MSR(LN(x)), then x + FFN(LN(x)) (GELU), dropout on both branches."""
+    return PreNormBlock(nn.LayerNorm(cfg.d_model), MultiScaleRetention(cfg), nn.LayerNorm(cfg.d_model),
+                        gelu_mlp(cfg.d_model, cfg.d_ff), dropout=cfg.dropout,
+                        names=("norm1", "msr", "norm2", "ffn"))
 
 
-class RetNetBackbone(nn.Module):
+class RetNetBackbone(SteppedStack):
     def __init__(self, cfg: Config, d_input: int):
-        super().__init__()
         if cfg.mode not in ("auto", "parallel", "recurrent", "chunkwise"):
             raise ValueError(f"model.mode: expected auto, parallel, recurrent or chunkwise; found {cfg.mode!r}")
-        self.d_model = cfg.d_model
-        self.in_proj = nn.Identity() if d_input == cfg.d_model else nn.Linear(d_input, cfg.d_model)
-        self.layers = nn.ModuleList(RetNetBlock(cfg) for _ in range(cfg.n_layers))
-        self.norm = nn.LayerNorm(cfg.d_model)
+        super().__init__(d_input, cfg.d_model, (retnet_block(cfg) for _ in range(cfg.n_layers)),
+                         nn.LayerNorm(cfg.d_model))
         self._kernel = cfg.kernel
         self.last_device = None
 
@@ -155,24 +146,7 @@ class RetNetBackbone(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, d_input] -> [B, T, d_model]
         self.last_device = x.device
-        h = self.in_proj(x)
-        for layer in self.layers:
-            h = layer(h)
-        return self.norm(h)
-
-    def init_state(self, batch: int, device=None):
-        m = self.layers[0].msr
-        # >= fp32 states: retention_step keeps an fp32 state fp32 (long bf16 decodes)
-        dtype = torch.promote_types(m.q.weight.dtype, torch.float32)
-        return [(torch.zeros(batch, m.H, m.dk, m.dv, device=device, dtype=dtype), 0) for _ in self.layers]
-
-    def step(self, x_t: torch.Tensor, state):  # [B, d_input] -> [B, d_model]
-        h = self.in_proj(x_t)
-        new = []
-        for layer, s in zip(self.layers, state):
-            h, s = layer.step(h, s)
-            new.append(s)
-        return self.norm(h), new
+        return super().forward(x)
 
 
 def build(config: Config, d_input: int) -> nn.Module:

@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from archlab.architectures.common import SteppedStack
+
 
 @dataclass
 class Config:
@@ -229,48 +231,42 @@ class RWKVBlock(nn.Module):
         self.ln2 = nn.LayerNorm(cfg.d_model)
         self.ffn = ChannelMix(cfg, layer_id)
 
-    def forward(self, x: torch.Tensor, state=None):
-        """state = (last x into time-mix, WKV state, last x into channel-mix) or None."""
+    def mix(self, x: torch.Tensor, state=None):
+        """x [B, T, C] -> (x, state); state = (last x into time-mix, WKV state, last x into
+        channel-mix) or None (a fresh sequence)."""
         a_last, S, f_last = state if state is not None else (None, None, None)
         y, a_last, S = self.att(self.ln1(x), a_last, S)
         x = x + y
         y, f_last = self.ffn(self.ln2(x), f_last)
         return x + y, (a_last, S, f_last)
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mix(x)[0]
 
-class RWKVBackbone(nn.Module):
+    def init_state(self, batch: int, device=None):
+        C, dt = self.ln1.normalized_shape[0], self.att.decay.dtype  # the parameters' precision
+        return (torch.zeros(batch, C, device=device, dtype=dt),
+                torch.zeros(batch, self.att.H, self.att.K, self.att.K, device=device, dtype=dt),
+                torch.zeros(batch, C, device=device, dtype=dt))
+
+    def step(self, x_t: torch.Tensor, state):  # x_t [B, C]: a length-1 mix
+        y, state = self.mix(x_t.unsqueeze(1), state)
+        return y[:, 0], state
+
+
+class RWKVBackbone(SteppedStack):
+    norm_name = "ln_out"
+
     def __init__(self, cfg: Config, d_input: int):
-        super().__init__()
-        self.d_model = cfg.d_model
-        self.in_proj = nn.Identity() if d_input == cfg.d_model else nn.Linear(d_input, cfg.d_model)
-        self.ln0 = nn.LayerNorm(cfg.d_model)
-        self.layers = nn.ModuleList(RWKVBlock(cfg, i) for i in range(cfg.n_layers))
-        self.ln_out = nn.LayerNorm(cfg.d_model)
+        super().__init__(d_input, cfg.d_model, (RWKVBlock(cfg, i) for i in range(cfg.n_layers)),
+                         nn.LayerNorm(cfg.d_model), inputs=lambda: {"ln0": nn.LayerNorm(cfg.d_model)})
 
     @property
     def kernel_path(self) -> str:
         return f"wkv:{self.layers[0].att.last_path or 'not run yet'}"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, d_input] -> [B, T, d_model]
-        h = self.ln0(self.in_proj(x))
-        for layer in self.layers:
-            h, _ = layer(h)
-        return self.ln_out(h)
-
-    def init_state(self, batch: int, device=None):
-        att = self.layers[0].att
-        dt = att.decay.dtype  # the parameters' precision
-        return [(torch.zeros(batch, self.d_model, device=device, dtype=dt),
-                 torch.zeros(batch, att.H, att.K, att.K, device=device, dtype=dt),
-                 torch.zeros(batch, self.d_model, device=device, dtype=dt)) for _ in self.layers]
-
-    def step(self, x_t: torch.Tensor, state):  # [B, d_input] -> [B, d_model]
-        h = self.ln0(self.in_proj(x_t)).unsqueeze(1)  # (B, 1, C): a length-1 forward
-        new = []
-        for layer, s in zip(self.layers, state):
-            h, s = layer(h, s)
-            new.append(s)
-        return self.ln_out(h[:, 0]), new
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ln0(self.in_proj(x))
 
 
 def build(config: Config, d_input: int) -> nn.Module:

@@ -30,10 +30,9 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from archlab.architectures.s4d import causal_conv, hippo_legs_nplr_half
+from archlab.architectures.s4d import ConvSSM, SSMBackbone, hippo_legs_nplr_half
 
 
 @dataclass
@@ -55,10 +54,8 @@ FLAVORS = {
 # exact count of build_model("s4", "vector", FLAVORS[f], d_in=768); tests check it
 PARAM_COUNTS = {"debug": 58592, "seed": 4739328}
 
-KERNELS = ("fft", "direct")
 
-
-class DPLRKernel(nn.Module):
+class DPLRKernel(ConvSSM):
     """H channels of a DPLR SSM: parameters, the Cauchy/Woodbury kernel and the dense step."""
 
     def __init__(self, H: int, N: int, dt_min: float, dt_max: float):
@@ -118,13 +115,6 @@ class DPLRKernel(nn.Module):
         khat = dt[:, None] * (k00 - u * k01 * k10 / (1 + u * k11))  # (H, L)
         return 2 * torch.fft.ifft(khat, dim=-1).real
 
-    def forward(self, x: torch.Tensor, kernel: str) -> torch.Tensor:  # x [B, H, T]
-        with torch.autocast(x.device.type, enabled=False):
-            K = self.conv_kernel(x.shape[-1])
-            xw = x.to(K.dtype)
-            y = causal_conv(xw, K, kernel) + self.D[:, None] * xw
-        return y.to(x.dtype)
-
     def step(self, x_t: torch.Tensor, s: torch.Tensor):  # x_t [B, H], s [B, H, M] complex
         with torch.autocast(x_t.device.type, enabled=False):
             Abar, Bbar = self.dense()
@@ -135,58 +125,7 @@ class DPLRKernel(nn.Module):
         return y.to(x_t.dtype), s
 
 
-class S4Block(nn.Module):
-    def __init__(self, cfg: Config):
-        super().__init__()
-        H = cfg.d_model
-        self.kernel = "fft" if cfg.kernel == "auto" else cfg.kernel
-        if self.kernel not in KERNELS:
-            raise ValueError(f"model.kernel: expected one of auto, {', '.join(KERNELS)}; found {cfg.kernel!r}")
-        self.norm = nn.LayerNorm(H)
-        self.ssm = DPLRKernel(H, cfg.d_state, cfg.dt_min, cfg.dt_max)
-        self.drop = nn.Dropout(cfg.dropout)
-        self.out = nn.Linear(H, 2 * H)  # GLU halves it back
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, H]
-        u = self.norm(x).transpose(1, 2)  # (B, H, T)
-        y = self.ssm(u, self.kernel).transpose(1, 2)  # (B, T, H)
-        return x + self.drop(F.glu(self.out(self.drop(F.gelu(y))), dim=-1))
-
-    def step(self, x_t: torch.Tensor, s: torch.Tensor):
-        y, s = self.ssm.step(self.norm(x_t), s)
-        return x_t + F.glu(self.out(F.gelu(y)), dim=-1), s
-
-
-class S4Backbone(nn.Module):
-    def __init__(self, cfg: Config, d_input: int):
-        super().__init__()
-        self.d_model = cfg.d_model
-        self.d_state = cfg.d_state
-        self.kernel_path = "fft" if cfg.kernel == "auto" else cfg.kernel
-        self.in_proj = nn.Identity() if d_input == cfg.d_model else nn.Linear(d_input, cfg.d_model)
-        self.layers = nn.ModuleList(S4Block(cfg) for _ in range(cfg.n_layers))
-        self.norm = nn.LayerNorm(cfg.d_model)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, d_input] -> [B, T, d_model]
-        h = self.in_proj(x)
-        for layer in self.layers:
-            h = layer(h)
-        return self.norm(h)
-
-    def init_state(self, batch: int, device=None):
-        shape = (batch, self.d_model, self.d_state // 2)
-        # complex state in the SSM parameters' precision (complex128 for fp64 models)
-        cdtype = torch.complex128 if self.layers[0].ssm.D.dtype == torch.float64 else torch.complex64
-        return [torch.zeros(shape, dtype=cdtype, device=device) for _ in self.layers]
-
-    def step(self, x_t: torch.Tensor, state):  # [B, d_input] -> [B, d_model]
-        h = self.in_proj(x_t)
-        new = []
-        for layer, s in zip(self.layers, state):
-            h, s = layer.step(h, s)
-            new.append(s)
-        return self.norm(h), new
-
-
 def build(config: Config, d_input: int) -> nn.Module:
-    return S4Backbone(config, d_input)
+    # the same residual stack as S4D (s4d.SSMBlock): only the SSM differs
+    return SSMBackbone(config, d_input, lambda: DPLRKernel(config.d_model, config.d_state, config.dt_min,
+                                                           config.dt_max))

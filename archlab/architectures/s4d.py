@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from archlab.architectures.common import SteppedStack
+
 
 @dataclass
 class Config:
@@ -95,7 +97,19 @@ def causal_conv(u: torch.Tensor, K: torch.Tensor, kernel: str) -> torch.Tensor:
     raise ValueError(f"model.kernel: expected one of auto, {', '.join(KERNELS)}; found {kernel!r}")
 
 
-class S4DKernel(nn.Module):
+class ConvSSM(nn.Module):
+    """Convolution mode of an SSM of H channels, y = K * u + D u, from the subclass's
+    `conv_kernel(T)` -> K [H, T] and skip `D` [H] (S4D here, S4's DPLR kernel in s4.py)."""
+
+    def forward(self, u: torch.Tensor, kernel: str) -> torch.Tensor:  # u [B, H, T]
+        with torch.autocast(u.device.type, enabled=False):
+            K = self.conv_kernel(u.shape[-1])
+            uw = u.to(K.dtype)
+            y = causal_conv(uw, K, kernel) + self.D[:, None] * uw
+        return y.to(u.dtype)
+
+
+class S4DKernel(ConvSSM):
     """The diagonal SSM of H channels: parameters, its convolution kernel and its step."""
 
     def __init__(self, H: int, N: int, dt_min: float, dt_max: float, init: str):
@@ -140,13 +154,6 @@ class S4DKernel(nn.Module):
         vander = torch.exp(dtA.unsqueeze(-1) * l)  # (H, N/2, T)
         return 2 * torch.einsum("hn,hnl->hl", C * Bbar, vander).real
 
-    def forward(self, u: torch.Tensor, kernel: str) -> torch.Tensor:  # u [B, H, T]
-        with torch.autocast(u.device.type, enabled=False):
-            K = self.conv_kernel(u.shape[-1])
-            uw = u.to(K.dtype)
-            y = causal_conv(uw, K, kernel) + self.D[:, None] * uw
-        return y.to(u.dtype)
-
     def step(self, u_t: torch.Tensor, s: torch.Tensor):  # u_t [B, H], s [B, H, N/2] complex
         with torch.autocast(u_t.device.type, enabled=False):
             dtA, Bbar, C = self.discrete()
@@ -156,15 +163,18 @@ class S4DKernel(nn.Module):
         return y.to(u_t.dtype), s
 
 
-class S4DBlock(nn.Module):
-    def __init__(self, cfg: Config):
+class SSMBlock(nn.Module):
+    """x + GLU(Linear(GELU(SSM(LN(x))))) around an SSM of d_model channels: S4D here, the
+    DPLR kernel in s4.py. The SSM has forward(u [B, H, T], kernel) and step(u_t, s)."""
+
+    def __init__(self, cfg, ssm: nn.Module):
         super().__init__()
         H = cfg.d_model
         self.kernel = "fft" if cfg.kernel == "auto" else cfg.kernel
         if self.kernel not in KERNELS:
             raise ValueError(f"model.kernel: expected one of auto, {', '.join(KERNELS)}; found {cfg.kernel!r}")
         self.norm = nn.LayerNorm(H)
-        self.ssm = S4DKernel(H, cfg.d_state, cfg.dt_min, cfg.dt_max, cfg.init)
+        self.ssm = ssm
         self.drop = nn.Dropout(cfg.dropout)
         self.out = nn.Linear(H, 2 * H)  # GLU halves it back
 
@@ -173,41 +183,26 @@ class S4DBlock(nn.Module):
         y = self.ssm(u, self.kernel).transpose(1, 2)  # (B, T, H)
         return x + self.drop(F.glu(self.out(self.drop(F.gelu(y))), dim=-1))
 
+    def init_state(self, batch: int, device=None) -> torch.Tensor:
+        # complex state [B, H, N/2] in the SSM parameters' precision (complex128 for fp64 models)
+        cdtype = torch.complex128 if self.ssm.D.dtype == torch.float64 else torch.complex64
+        return torch.zeros(batch, *self.ssm.C.shape[:2], dtype=cdtype, device=device)
+
     def step(self, x_t: torch.Tensor, s: torch.Tensor):  # x_t [B, H]
         y, s = self.ssm.step(self.norm(x_t), s)
         return x_t + F.glu(self.out(F.gelu(y)), dim=-1), s
 
 
-class S4DBackbone(nn.Module):
-    def __init__(self, cfg: Config, d_input: int):
-        super().__init__()
-        self.d_model = cfg.d_model
+class SSMBackbone(SteppedStack):
+    """`n_layers` SSMBlocks and a final LayerNorm; `make_ssm()` builds one layer's SSM."""
+
+    def __init__(self, cfg, d_input: int, make_ssm):
+        super().__init__(d_input, cfg.d_model, (SSMBlock(cfg, make_ssm()) for _ in range(cfg.n_layers)),
+                         nn.LayerNorm(cfg.d_model))
         self.d_state = cfg.d_state
         self.kernel_path = "fft" if cfg.kernel == "auto" else cfg.kernel
-        self.in_proj = nn.Identity() if d_input == cfg.d_model else nn.Linear(d_input, cfg.d_model)
-        self.layers = nn.ModuleList(S4DBlock(cfg) for _ in range(cfg.n_layers))
-        self.norm = nn.LayerNorm(cfg.d_model)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, d_input] -> [B, T, d_model]
-        h = self.in_proj(x)
-        for layer in self.layers:
-            h = layer(h)
-        return self.norm(h)
-
-    def init_state(self, batch: int, device=None):
-        shape = (batch, self.d_model, self.d_state // 2)
-        # complex state in the SSM parameters' precision (complex128 for fp64 models)
-        cdtype = torch.complex128 if self.layers[0].ssm.D.dtype == torch.float64 else torch.complex64
-        return [torch.zeros(shape, dtype=cdtype, device=device) for _ in self.layers]
-
-    def step(self, x_t: torch.Tensor, state):  # [B, d_input] -> [B, d_model]
-        h = self.in_proj(x_t)
-        new = []
-        for layer, s in zip(self.layers, state):
-            h, s = layer.step(h, s)
-            new.append(s)
-        return self.norm(h), new
 
 
 def build(config: Config, d_input: int) -> nn.Module:
-    return S4DBackbone(config, d_input)
+    return SSMBackbone(config, d_input, lambda: S4DKernel(config.d_model, config.d_state, config.dt_min,
+                                                          config.dt_max, config.init))
