@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from archlab.architectures.common import PositionalStack, PreNormBlock
+
 
 @dataclass
 class Config:
@@ -71,6 +73,9 @@ class CausalSelfAttention(nn.Module):
         )
         return self._out(y)
 
+    def init_state(self, batch: int, device=None):
+        return None  # the key/value cache starts empty
+
     def step(self, x_t: torch.Tensor, cache):
         """x_t [B, C]; cache (k, v) each [B, nh, t, hs] or None -> (y_t [B, C], cache)."""
         q, k, v = self._heads(x_t.unsqueeze(1))  # (B, nh, 1, hs)
@@ -95,41 +100,26 @@ class MLP(nn.Module):
         return self.drop(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
 
 
-class Block(nn.Module):
-    def __init__(self, cfg: Config):
-        super().__init__()
-        self.ln_1 = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
-        self.attn = CausalSelfAttention(cfg)
-        self.ln_2 = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
-        self.mlp = MLP(cfg)
+class GPT2Backbone(PositionalStack):
+    """[B, T, d_input] -> [B, T, d_model]; causal; T <= max_len. The state holds one (k, v)
+    cache per layer."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
-        return x + self.mlp(self.ln_2(x))
-
-    def step(self, x_t: torch.Tensor, cache):
-        a, cache = self.attn.step(self.ln_1(x_t), cache)
-        x_t = x_t + a
-        return x_t + self.mlp(self.ln_2(x_t)), cache
-
-
-class GPT2Backbone(nn.Module):
-    """[B, T, d_input] -> [B, T, d_model]; causal; T <= max_len."""
+    layers_name, norm_name, arch = "h", "ln_f", "gpt2"
 
     def __init__(self, cfg: Config, d_input: int):
-        super().__init__()
         if cfg.d_model % cfg.n_heads:
             raise ValueError(
                 f"gpt2: model.d_model={cfg.d_model} must be divisible by model.n_heads={cfg.n_heads}"
             )
-        self.d_model = cfg.d_model
-        self.max_len = cfg.max_len
-        # the task IO already projects to d_model; only a foreign width needs a projection
-        self.in_proj = nn.Identity() if d_input == cfg.d_model else nn.Linear(d_input, cfg.d_model)
-        self.wpe = nn.Embedding(cfg.max_len, cfg.d_model)
-        self.drop = nn.Dropout(cfg.dropout)
-        self.h = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
-        self.ln_f = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
+        blocks = (
+            PreNormBlock(nn.LayerNorm(cfg.d_model, bias=cfg.bias), CausalSelfAttention(cfg),
+                         nn.LayerNorm(cfg.d_model, bias=cfg.bias), MLP(cfg),
+                         names=("ln_1", "attn", "ln_2", "mlp"))
+            for _ in range(cfg.n_layers)
+        )
+        # positions N(0, 0.02) in _init_weights, with the Linears
+        super().__init__(d_input, cfg.d_model, blocks, nn.LayerNorm(cfg.d_model, bias=cfg.bias),
+                         positions=lambda: nn.Embedding(cfg.max_len, cfg.d_model), dropout=cfg.dropout)
         self._init_weights(cfg.n_layers)
 
     def _init_weights(self, n_layers: int) -> None:
@@ -144,34 +134,6 @@ class GPT2Backbone(nn.Module):
     # attention always goes through F.scaled_dot_product_attention, which picks its own
     # fused backend (flash / memory-efficient on CUDA, math on CPU)
     kernel_path = "sdpa"
-
-    def _check_len(self, T: int) -> None:
-        if T > self.max_len:
-            raise ValueError(f"gpt2: sequence length {T} exceeds model.max_len={self.max_len}")
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        T = x.shape[1]
-        self._check_len(T)
-        pos = torch.arange(T, device=x.device)
-        h = self.drop(self.in_proj(x) + self.wpe(pos))
-        for block in self.h:
-            h = block(h)
-        return self.ln_f(h)
-
-    def init_state(self, batch: int, device=None):
-        # position counter + one (k, v) cache per layer; caches start empty
-        return {"pos": 0, "cache": [None] * len(self.h)}
-
-    def step(self, x_t: torch.Tensor, state):
-        """x_t [B, d_input] -> (y_t [B, d_model], state); equals forward() at position state['pos']."""
-        t = state["pos"]
-        self._check_len(t + 1)
-        h = self.drop(self.in_proj(x_t) + self.wpe.weight[t])
-        caches = []
-        for block, cache in zip(self.h, state["cache"]):
-            h, cache = block.step(h, cache)
-            caches.append(cache)
-        return self.ln_f(h), {"pos": t + 1, "cache": caches}
 
 
 def build(config: Config, d_input: int) -> nn.Module:

@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from archlab.architectures.common import HeadsAttention, PositionalStack, PreNormBlock, gelu_mlp, learned_positions
+
 
 @dataclass
 class Config:
@@ -55,28 +57,14 @@ FLAVORS = {
 PARAM_COUNTS = {"debug": 140960, "seed": 14971136}
 
 
-class CausalLinformerAttention(nn.Module):
+class CausalLinformerAttention(HeadsAttention):
     def __init__(self, cfg: Config):
-        super().__init__()
-        self.n_heads, self.d_head = cfg.n_heads, cfg.d_model // cfg.n_heads
+        super().__init__(cfg.d_model, cfg.n_heads, cfg.dropout)
         self.k, self.L = cfg.k, cfg.block_size
-        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
-        self.out = nn.Linear(cfg.d_model, cfg.d_model)
         # unit-variance entries: with the 1/sqrt(s) prefix scaling a compressed row has
         # the scale of a single key at any prefix length
         self.E = nn.Parameter(torch.randn(cfg.k, cfg.max_len))
         self.F = nn.Parameter(torch.randn(cfg.k, cfg.max_len))
-        self.drop = nn.Dropout(cfg.dropout)
-
-    def _heads(self, x: torch.Tensor):
-        B, T, _ = x.shape
-        q, k, v = self.qkv(x).chunk(3, dim=-1)
-        # (B, T, C) -> (B, H, T, dh)
-        return [t.view(B, T, self.n_heads, self.d_head).transpose(1, 2) for t in (q, k, v)]
-
-    def _merge(self, y: torch.Tensor) -> torch.Tensor:
-        B, _, T, _ = y.shape
-        return self.drop(self.out(y.transpose(1, 2).reshape(B, T, -1)))  # (B, T, C)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
@@ -118,11 +106,13 @@ class CausalLinformerAttention(nn.Module):
         # running sums in at least fp32, like the forward's prefix sums
         acc = torch.promote_types(self.E.dtype, torch.float32)
         z = torch.zeros(batch, self.n_heads, self.k, self.d_head, device=device or self.E.device, dtype=acc)
-        # running (unscaled) compressed sums of completed blocks + the current block's k, v
-        return {"ck": z, "cv": z.clone(), "lk": None, "lv": None}
+        # the next position, running (unscaled) compressed sums of completed blocks and the
+        # current block's k, v
+        return {"t": 0, "ck": z, "cv": z.clone(), "lk": None, "lv": None}
 
-    def step(self, x_t: torch.Tensor, t: int, st):
+    def step(self, x_t: torch.Tensor, st):
         q, k, v = self._heads(x_t.unsqueeze(1))  # (B, H, 1, dh)
+        t = st["t"]
         n, i = divmod(t, self.L)
         lk = k if st["lk"] is None else torch.cat([st["lk"], k], dim=2)  # (B, H, i+1, dh)
         lv = v if st["lv"] is None else torch.cat([st["lv"], v], dim=2)
@@ -135,7 +125,7 @@ class CausalLinformerAttention(nn.Module):
             y = att[..., : self.k] @ cv + att[..., self.k:] @ lv
         else:
             y = (att_l / math.sqrt(self.d_head)).softmax(dim=-1) @ lv
-        st = dict(st, lk=lk, lv=lv)
+        st = dict(st, t=t + 1, lk=lk, lv=lv)
         if i == self.L - 1:  # block complete: fold it into the compressed past
             cols = slice(n * self.L, (n + 1) * self.L)
             acc = st["ck"].dtype
@@ -145,32 +135,13 @@ class CausalLinformerAttention(nn.Module):
         return self._merge(y).squeeze(1), st
 
 
-class Block(nn.Module):
-    def __init__(self, cfg: Config):
-        super().__init__()
-        self.ln_1 = nn.LayerNorm(cfg.d_model)
-        self.attn = CausalLinformerAttention(cfg)
-        self.ln_2 = nn.LayerNorm(cfg.d_model)
-        self.mlp = nn.Sequential(
-            nn.Linear(cfg.d_model, 4 * cfg.d_model), nn.GELU(),
-            nn.Linear(4 * cfg.d_model, cfg.d_model), nn.Dropout(cfg.dropout),
-        )
+class LinformerBackbone(PositionalStack):
+    """[B, T, d_input] -> [B, T, d_model]; causal; T <= max_len. Pre-LN blocks (attention,
+    GELU MLP 4x) with learned positions, as GPT-2."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
-        return x + self.mlp(self.ln_2(x))
-
-    def step(self, x_t: torch.Tensor, t: int, st):
-        a, st = self.attn.step(self.ln_1(x_t), t, st)
-        x_t = x_t + a
-        return x_t + self.mlp(self.ln_2(x_t)), st
-
-
-class LinformerBackbone(nn.Module):
-    """[B, T, d_input] -> [B, T, d_model]; causal; T <= max_len."""
+    layers_name, norm_name, arch = "blocks", "ln_f", "linformer"
 
     def __init__(self, cfg: Config, d_input: int):
-        super().__init__()
         if cfg.d_model % cfg.n_heads:
             raise ValueError(
                 f"linformer: model.d_model={cfg.d_model} must be divisible by model.n_heads={cfg.n_heads}"
@@ -178,41 +149,16 @@ class LinformerBackbone(nn.Module):
         for field in ("k", "block_size", "max_len"):
             if getattr(cfg, field) < 1:
                 raise ValueError(f"linformer: model.{field} must be >= 1, found {getattr(cfg, field)}")
-        self.d_model, self.max_len = cfg.d_model, cfg.max_len
-        self.in_proj = nn.Identity() if d_input == cfg.d_model else nn.Linear(d_input, cfg.d_model)
-        self.wpe = nn.Embedding(cfg.max_len, cfg.d_model)
-        nn.init.normal_(self.wpe.weight, std=0.02)
-        self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
-        self.ln_f = nn.LayerNorm(cfg.d_model)
+        blocks = (
+            PreNormBlock(nn.LayerNorm(cfg.d_model), CausalLinformerAttention(cfg), nn.LayerNorm(cfg.d_model),
+                         gelu_mlp(cfg.d_model, 4 * cfg.d_model, cfg.dropout),
+                         names=("ln_1", "attn", "ln_2", "mlp"))
+            for _ in range(cfg.n_layers)
+        )
+        super().__init__(d_input, cfg.d_model, blocks, nn.LayerNorm(cfg.d_model),
+                         positions=lambda: learned_positions(cfg.max_len, cfg.d_model), dropout=cfg.dropout)
 
     kernel_path = "torch"  # one path: the blockwise PyTorch form above
-
-    def _check_len(self, T: int) -> None:
-        if T > self.max_len:
-            raise ValueError(f"linformer: sequence length {T} exceeds model.max_len={self.max_len}")
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        T = x.shape[1]
-        self._check_len(T)
-        h = self.drop(self.in_proj(x) + self.wpe(torch.arange(T, device=x.device)))
-        for block in self.blocks:
-            h = block(h)
-        return self.ln_f(h)
-
-    def init_state(self, batch: int, device=None):
-        return {"pos": 0, "layers": [b.attn.init_state(batch, device) for b in self.blocks]}
-
-    def step(self, x_t: torch.Tensor, state):
-        """x_t [B, d_input] -> (y_t [B, d_model], state); equals forward() at position state['pos']."""
-        t = state["pos"]
-        self._check_len(t + 1)
-        h = self.drop(self.in_proj(x_t) + self.wpe.weight[t])
-        layers = []
-        for block, st in zip(self.blocks, state["layers"]):
-            h, st = block.step(h, t, st)
-            layers.append(st)
-        return self.ln_f(h), {"pos": t + 1, "layers": layers}
 
 
 def build(config: Config, d_input: int) -> nn.Module:

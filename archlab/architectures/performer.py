@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from archlab.architectures.common import HeadsAttention, PositionalStack, PreNormBlock, gelu_mlp, learned_positions
 from archlab.kernels._dispatch import resolve_kernel
 from archlab.kernels.retention import retention, retention_step
 
@@ -105,14 +106,10 @@ def _normalise(o: torch.Tensor) -> torch.Tensor:
     return o[..., :-1] / o[..., -1:].clamp_min(1e-30)
 
 
-class FavorAttention(nn.Module):
+class FavorAttention(HeadsAttention):
     def __init__(self, cfg: Config, layer: int):
-        super().__init__()
-        self.n_heads, self.d_head = cfg.n_heads, cfg.d_model // cfg.n_heads
+        super().__init__(cfg.d_model, cfg.n_heads, cfg.dropout)
         self.chunk_size, self.kernel = cfg.chunk_size, cfg.kernel
-        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
-        self.out = nn.Linear(cfg.d_model, cfg.d_model)
-        self.drop = nn.Dropout(cfg.dropout)
         self.register_buffer("proj", torch.empty(cfg.nb_features, self.d_head))
         self.register_buffer("seed", torch.zeros((), dtype=torch.int64))
         self.redraw_features(cfg.feature_seed + layer)
@@ -124,22 +121,15 @@ class FavorAttention(nn.Module):
         self.proj.copy_(w.to(self.proj.device))
         self.seed.fill_(int(seed))
 
-    def _heads(self, x: torch.Tensor):
-        B, T, _ = x.shape
-        q, k, v = self.qkv(x).chunk(3, dim=-1)
-        # (B, T, C) -> (B, H, T, dh)
-        return [t.view(B, T, self.n_heads, self.d_head).transpose(1, 2) for t in (q, k, v)]
-
-    def _merge(self, y: torch.Tensor) -> torch.Tensor:
-        B, _, T, _ = y.shape
-        return self.drop(self.out(y.transpose(1, 2).reshape(B, T, -1)))  # (B, T, C)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self._heads(x)
         self.last_path = resolve_kernel("retention", self.kernel, x.device)
         with torch.autocast(device_type=x.device.type, enabled=False):
             y = favor_causal(q, k, v, self.proj, chunk_size=self.chunk_size, kernel=self.last_path)
         return self._merge(y.to(x.dtype))
+
+    def init_state(self, batch: int, device=None):
+        return None  # retention_step starts from a zero state
 
     def step(self, x_t: torch.Tensor, state):
         """x_t [B, C]; state [B, H, m, dh + 1] or None -> (y_t [B, C], state)."""
@@ -154,76 +144,32 @@ class FavorAttention(nn.Module):
         return self._merge(y.unsqueeze(2).to(x_t.dtype)).squeeze(1), state
 
 
-class Block(nn.Module):
-    def __init__(self, cfg: Config, layer: int):
-        super().__init__()
-        self.ln_1 = nn.LayerNorm(cfg.d_model)
-        self.attn = FavorAttention(cfg, layer)
-        self.ln_2 = nn.LayerNorm(cfg.d_model)
-        self.mlp = nn.Sequential(
-            nn.Linear(cfg.d_model, 4 * cfg.d_model), nn.GELU(),
-            nn.Linear(4 * cfg.d_model, cfg.d_model), nn.Dropout(cfg.dropout),
-        )
+class PerformerBackbone(PositionalStack):
+    """[B, T, d_input] -> [B, T, d_model]; causal; T <= max_len. Pre-LN blocks (FAVOR+
+    attention, GELU MLP 4x) with learned positions, as GPT-2."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
-        return x + self.mlp(self.ln_2(x))
-
-    def step(self, x_t: torch.Tensor, state):
-        a, state = self.attn.step(self.ln_1(x_t), state)
-        x_t = x_t + a
-        return x_t + self.mlp(self.ln_2(x_t)), state
-
-
-class PerformerBackbone(nn.Module):
-    """[B, T, d_input] -> [B, T, d_model]; causal; T <= max_len."""
+    layers_name, norm_name, arch = "blocks", "ln_f", "performer"
 
     def __init__(self, cfg: Config, d_input: int):
-        super().__init__()
         if cfg.d_model % cfg.n_heads:
             raise ValueError(
                 f"performer: model.d_model={cfg.d_model} must be divisible by model.n_heads={cfg.n_heads}"
             )
         if cfg.nb_features < 1:
             raise ValueError(f"performer: model.nb_features must be >= 1, found {cfg.nb_features}")
-        self.d_model, self.max_len = cfg.d_model, cfg.max_len
-        self.in_proj = nn.Identity() if d_input == cfg.d_model else nn.Linear(d_input, cfg.d_model)
-        self.wpe = nn.Embedding(cfg.max_len, cfg.d_model)
-        nn.init.normal_(self.wpe.weight, std=0.02)
-        self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
-        self.ln_f = nn.LayerNorm(cfg.d_model)
+        blocks = (
+            PreNormBlock(nn.LayerNorm(cfg.d_model), FavorAttention(cfg, i), nn.LayerNorm(cfg.d_model),
+                         gelu_mlp(cfg.d_model, 4 * cfg.d_model, cfg.dropout),
+                         names=("ln_1", "attn", "ln_2", "mlp"))
+            for i in range(cfg.n_layers)
+        )
+        super().__init__(d_input, cfg.d_model, blocks, nn.LayerNorm(cfg.d_model),
+                         positions=lambda: learned_positions(cfg.max_len, cfg.d_model), dropout=cfg.dropout)
 
     @property
     def kernel_path(self) -> str:
         """Which retention path the last forward ran (step() always uses retention_step)."""
         return f"retention:{self.blocks[0].attn.last_path or 'not run yet'}"
-
-    def _check_len(self, T: int) -> None:
-        if T > self.max_len:
-            raise ValueError(f"performer: sequence length {T} exceeds model.max_len={self.max_len}")
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        T = x.shape[1]
-        self._check_len(T)
-        h = self.drop(self.in_proj(x) + self.wpe(torch.arange(T, device=x.device)))
-        for block in self.blocks:
-            h = block(h)
-        return self.ln_f(h)
-
-    def init_state(self, batch: int, device=None):
-        return {"pos": 0, "layers": [None] * len(self.blocks)}
-
-    def step(self, x_t: torch.Tensor, state):
-        """x_t [B, d_input] -> (y_t [B, d_model], state); equals forward() at position state['pos']."""
-        t = state["pos"]
-        self._check_len(t + 1)
-        h = self.drop(self.in_proj(x_t) + self.wpe.weight[t])
-        layers = []
-        for block, st in zip(self.blocks, state["layers"]):
-            h, st = block.step(h, st)
-            layers.append(st)
-        return self.ln_f(h), {"pos": t + 1, "layers": layers}
 
     def redraw_features(self, seed: int) -> None:
         """Fresh random features for every layer (layer i draws from seed + i)."""
