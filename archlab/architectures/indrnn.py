@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from archlab.architectures.common import SkipStack
 from archlab.kernels._dispatch import resolve_kernel
 from archlab.kernels.scan import linear_scan
 
@@ -93,54 +94,25 @@ class IndRNNLayer(nn.Module):
             out.append(h)
         return torch.stack(out, dim=1)
 
+    def init_state(self, batch: int, device=None) -> torch.Tensor:
+        p = self.inp.weight  # zeros in the parameters' dtype (fp64 tests, bf16 models)
+        return torch.zeros(batch, self.d_hidden, device=device or p.device, dtype=p.dtype)
+
     def step(self, x_t: torch.Tensor, h: torch.Tensor):
         h = self._act(self.inp(x_t) + self.u.to(x_t.dtype) * h)
         return h, h
 
 
-class IndRNNBackbone(nn.Module):
+class IndRNNBackbone(SkipStack):
     def __init__(self, cfg: Config, d_input: int):
-        super().__init__()
-        self.d_model = cfg.d_model
-        dims = [d_input] + [cfg.d_model] * cfg.n_layers
-        self.layers = nn.ModuleList(
-            IndRNNLayer(dims[i], cfg.d_model, cfg.activation, cfg.u_max, cfg.kernel)
-            for i in range(cfg.n_layers)
-        )
-        self.norms = nn.ModuleList(
-            nn.LayerNorm(dims[i]) if cfg.residual else nn.Identity() for i in range(cfg.n_layers)
-        )
-        self.skips = [cfg.residual and dims[i] == cfg.d_model for i in range(cfg.n_layers)]
-        self.drop = nn.Dropout(cfg.dropout)
+        super().__init__(d_input, cfg.d_model, cfg.n_layers,
+                         lambda d_in: IndRNNLayer(d_in, cfg.d_model, cfg.activation, cfg.u_max, cfg.kernel),
+                         residual=cfg.residual, dropout=cfg.dropout)
 
     @property
     def kernel_path(self) -> str:
         """Which path the last forward ran: "sequential" (relu/tanh) or "scan:<path>" (identity)."""
         return self.layers[0].last_path or "not run yet"
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, d_input] -> [B, T, d_model]
-        for i, (layer, norm) in enumerate(zip(self.layers, self.norms)):
-            y = layer(norm(x))
-            x = x + y if self.skips[i] else y
-            if i < len(self.layers) - 1:
-                x = self.drop(x)
-        return x
-
-    def init_state(self, batch: int, device=None):
-        p = self.layers[0].inp.weight  # zeros in the parameters' dtype (fp64 tests, bf16 models)
-        return [torch.zeros(batch, self.d_model, device=device or p.device, dtype=p.dtype)
-                for _ in self.layers]
-
-    def step(self, x_t: torch.Tensor, state):
-        """x_t [B, d_input] -> (y_t [B, d_model], state); equals forward() position by position."""
-        new = []
-        for i, (layer, norm, h) in enumerate(zip(self.layers, self.norms, state)):
-            y, h = layer.step(norm(x_t), h)
-            new.append(h)
-            x_t = x_t + y if self.skips[i] else y
-            if i < len(self.layers) - 1:
-                x_t = self.drop(x_t)
-        return x_t, new
 
 
 def build(config: Config, d_input: int) -> nn.Module:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from archlab.architectures.common import SkipStack
 from archlab.kernels._dispatch import resolve_kernel
 from archlab.kernels.scan import linear_scan
 
@@ -67,6 +68,11 @@ class QRNNLayer(nn.Module):
         c, _ = linear_scan(f, (1 - f) * z, kernel=self.last_path)
         return o * c
 
+    def init_state(self, batch: int, device=None):
+        p = self.proj.weight  # zeros in the parameters' dtype (fp64 tests, bf16 models)
+        kw = dict(device=device or p.device, dtype=p.dtype)
+        return torch.zeros(batch, self.d_in, **kw), torch.zeros(batch, self.d_hidden, **kw)
+
     def step(self, x_t: torch.Tensor, state):
         """x_t [B, d_in]; state (x_{t-1} [B, d_in], c_{t-1} [B, d_hidden])."""
         x_prev, c = state
@@ -76,52 +82,16 @@ class QRNNLayer(nn.Module):
         return o * c, (x_t, c)
 
 
-class QRNNBackbone(nn.Module):
+class QRNNBackbone(SkipStack):
     def __init__(self, cfg: Config, d_input: int):
-        super().__init__()
-        self.d_model = cfg.d_model
-        dims = [d_input] + [cfg.d_model] * cfg.n_layers
-        self.layers = nn.ModuleList(
-            QRNNLayer(dims[i], cfg.d_model, cfg.window, cfg.kernel) for i in range(cfg.n_layers)
-        )
-        # a residual needs matching widths: layer i adds its input when dims[i] == d_model
-        self.norms = nn.ModuleList(
-            nn.LayerNorm(dims[i]) if cfg.residual else nn.Identity() for i in range(cfg.n_layers)
-        )
-        self.skips = [cfg.residual and dims[i] == cfg.d_model for i in range(cfg.n_layers)]
-        self.drop = nn.Dropout(cfg.dropout)
+        super().__init__(d_input, cfg.d_model, cfg.n_layers,
+                         lambda d_in: QRNNLayer(d_in, cfg.d_model, cfg.window, cfg.kernel),
+                         residual=cfg.residual, dropout=cfg.dropout)
 
     @property
     def kernel_path(self) -> str:
         """Which linear_scan path the last forward ran (step() is always the plain loop)."""
         return f"scan:{self.layers[0].last_path or 'not run yet'}"
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, d_input] -> [B, T, d_model]
-        for i, (layer, norm) in enumerate(zip(self.layers, self.norms)):
-            y = layer(norm(x))
-            x = x + y if self.skips[i] else y
-            if i < len(self.layers) - 1:
-                x = self.drop(x)
-        return x
-
-    def init_state(self, batch: int, device=None):
-        p = self.layers[0].proj.weight  # zeros in the parameters' dtype (fp64 tests, bf16 models)
-        kw = dict(device=device or p.device, dtype=p.dtype)
-        return [
-            (torch.zeros(batch, layer.d_in, **kw), torch.zeros(batch, self.d_model, **kw))
-            for layer in self.layers
-        ]
-
-    def step(self, x_t: torch.Tensor, state):
-        """x_t [B, d_input] -> (y_t [B, d_model], state); equals forward() position by position."""
-        new = []
-        for i, (layer, norm, s) in enumerate(zip(self.layers, self.norms, state)):
-            y, s = layer.step(norm(x_t), s)
-            new.append(s)
-            x_t = x_t + y if self.skips[i] else y
-            if i < len(self.layers) - 1:
-                x_t = self.drop(x_t)
-        return x_t, new
 
 
 def build(config: Config, d_input: int) -> nn.Module:
