@@ -219,9 +219,11 @@ def submit(
     """Submit `archlab <args>` as a Ray job with this directory as the working dir."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
+    from archlab.platform.runtime import submit_job
+
     client = JobSubmissionClient(address)
     entry = "archlab " + " ".join(args)
-    job_id = client.submit_job(entrypoint=entry, runtime_env={"working_dir": ".", "excludes": [
+    job_id = submit_job(client, entrypoint=entry, runtime_env={"working_dir": ".", "excludes": [
         ".venv", ".git", "archlab_runs", "mlflow.db", "mlruns"]})
     print(f"submitted {job_id}: {entry}")
     if not wait:

@@ -10,9 +10,6 @@ import pytest
 
 from tests.conftest import REPO, free_port, stop_group, wait_http
 
-pytestmark = pytest.mark.slow
-
-
 @pytest.fixture()
 def head_node(tmp_path):
     """`ray start --head --block` on 127.0.0.1 in its own process group; only this head is
@@ -34,11 +31,33 @@ def head_node(tmp_path):
     if not wait_http(address + "/api/version", proc, timeout=180):
         stop_group(proc, timeout=10)
         pytest.fail(f"head node did not start:\n{(tmp_path / 'head.log').read_text()[-3000:]}")
+    _wait_for_job_agent(address, tmp_path)
     yield address, env
     stop_group(proc, timeout=60)
     log.close()
 
 
+def _wait_for_job_agent(address, tmp_path):
+    """The dashboard answers before its job agent registers (CI saw "No available agent to
+    submit job" from a head that answered /api/version): a trivial job through archlab's
+    retrying submit proves the head takes jobs before the test's `ray job submit`."""
+    import time
+
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    from archlab.platform.runtime import submit_job
+
+    client = JobSubmissionClient(address)
+    job = submit_job(client, entrypoint="python -c \"print('agent ready')\"", agent_timeout_s=240)
+    deadline = time.time() + 240
+    while (status := client.get_job_status(job)) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+        if time.time() > deadline:
+            pytest.fail(f"probe job {job} still {status} after 240 s:\n{(tmp_path / 'head.log').read_text()[-3000:]}")
+        time.sleep(1)
+    assert status == JobStatus.SUCCEEDED, client.get_job_logs(job)
+
+
+@pytest.mark.slow
 def test_smoke_sweep_runs_as_a_ray_job(head_node, tmp_path):
     address, env = head_node
     # a clean working dir: what a user's checkout uploads (Ray honours .gitignore)
@@ -58,3 +77,36 @@ def test_smoke_sweep_runs_as_a_ray_job(head_node, tmp_path):
     from archlab.platform.tracking import list_models
 
     assert list_models(f"sqlite:///{store}", "archlab-vector")
+
+
+class _FakeClient:
+    """Answers like Ray's JobSubmissionClient: `fails` times the given error, then a job id."""
+
+    def __init__(self, error: str, fails: int):
+        self.error, self.fails, self.calls = error, fails, 0
+
+    def get_address(self):
+        return "http://head:8265"
+
+    def submit_job(self, *, entrypoint, runtime_env=None):
+        self.calls += 1
+        if self.calls <= self.fails:
+            raise RuntimeError(f"Request failed with status code 500: {self.error}.")
+        return "raysubmit_1"
+
+
+def test_submit_retries_only_while_the_head_has_no_agent(monkeypatch):
+    import time
+
+    from archlab.platform import runtime
+
+    monkeypatch.setattr(time, "sleep", lambda s: None)
+    c = _FakeClient("No available agent to submit job, please try again later", fails=3)
+    assert runtime.submit_job(c, entrypoint="archlab sweep") == "raysubmit_1" and c.calls == 4
+    other = _FakeClient("Traceback ... ValueError: bad runtime_env", fails=1)
+    with pytest.raises(RuntimeError, match="bad runtime_env"):
+        runtime.submit_job(other, entrypoint="archlab sweep")
+    assert other.calls == 1  # any other error is not retried
+    never = _FakeClient("No available agent to submit job", fails=10**6)
+    with pytest.raises(RuntimeError, match=r"http://head:8265 had no job agent after 0 s"):
+        runtime.submit_job(never, entrypoint="archlab sweep", agent_timeout_s=0)

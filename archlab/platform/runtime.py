@@ -156,3 +156,29 @@ def _cpu_has_native_bf16() -> bool:
 
     _NATIVE_BF16_CPU = best(torch.bfloat16) <= 1.5 * best(torch.float32)
     return _NATIVE_BF16_CPU
+
+
+def submit_job(client, *, entrypoint: str, runtime_env: dict | None = None,
+               agent_timeout_s: float = 180.0, **kwargs) -> str:
+    """`JobSubmissionClient.submit_job`, retried while the head has no job agent yet.
+
+    A head answers HTTP before its dashboard agent has registered; until then Ray's job
+    head waits only 10 s (WAIT_AVAILABLE_AGENT_TIMEOUT) and answers 500 "No available agent
+    to submit job, please try again later". On a freshly started or loaded head that is a
+    matter of seconds to a minute, so retry that one error; every other error is raised at
+    once. Returns the job id."""
+    import time
+
+    deadline = time.monotonic() + agent_timeout_s
+    while True:
+        try:
+            return client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, **kwargs)
+        except RuntimeError as e:
+            if "No available agent" not in str(e):
+                raise
+            if time.monotonic() >= deadline:
+                raise RuntimeError(
+                    f"Ray head at {client.get_address()} had no job agent after "
+                    f"{agent_timeout_s:.0f} s (last answer: {e})") from e
+            log.warning("Ray head has no job agent yet; retrying the submission")
+            time.sleep(3)
