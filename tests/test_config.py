@@ -14,11 +14,17 @@ def test_defaults_smoke_yaml_and_set_layer_in_order(tmp_path):
     p.write_text("train:\n  lr: 0.002\n  epochs: 7\nmodel:\n  arch: transformer\n")
     cfg = load_config(p, ["train.epochs=3", "model.d_model=48", "sweep.archs=[lstm, transformer]"], smoke_test=True)
     assert cfg.train.lr == 0.002  # file over defaults
-    assert cfg.train.epochs == 3  # --set over file
+    assert cfg.train.epochs == 3  # --set over file and smoke
     assert cfg.train.max_steps_per_epoch == 12  # smoke setting kept where nothing overrides it
     assert cfg.model.arch == "transformer" and cfg.model.arch_overrides() == {"d_model": 48}
     assert cfg.sweep.archs == ["lstm", "transformer"]
     assert cfg.smoke_test
+    # --smoke-test over the file: a full-run config still gives a smoke-sized run
+    p.write_text("train:\n  epochs: 7\n  max_steps_per_epoch: 500\nsweep:\n  num_samples: 6\nmodel:\n  flavor: seed\n")
+    smoke = load_config(p, [], smoke_test=True)
+    assert (smoke.train.epochs, smoke.train.max_steps_per_epoch, smoke.sweep.num_samples, smoke.model.flavor) == (2, 12, 4, "debug")
+    full = load_config(p, [])
+    assert (full.train.epochs, full.train.max_steps_per_epoch, full.sweep.num_samples, full.model.flavor) == (7, 500, 6, "seed")
     # configs are data: they round-trip through JSON unchanged
     again = type(cfg).model_validate(json.loads(json.dumps(cfg.to_dict())))
     assert again == cfg

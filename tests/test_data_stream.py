@@ -130,6 +130,28 @@ def test_ray_streaming_matches_numpy_windows_and_splits_equally(ray_local, sampl
     assert counts["a"] == counts["b"] > 0
 
 
+@pytest.mark.slow
+def test_small_train_split_is_read_once_and_cached(ray_local, sample_dataset, tmp_path):
+    """Under data.cache_train_mb the train windows are cut once per job: trials and epochs
+    iterate the cached blocks, so they no longer need the files; above it they stream."""
+    from archlab.platform.data import make_ray_datasets, train_windows_bytes
+
+    root = _copy_sample(sample_dataset, tmp_path)
+    cfg = load_config(None, [f"data.path={root}", "data.max_valid_windows=64"])
+    info = inspect_dataset(cfg)
+    size = train_windows_bytes(cfg, info)
+    items = sum(s["items"] for s in json.loads((root / "manifest.json").read_text())["splits"]["train"])
+    assert size == items * 6 * 384 * 4 >= 6931 * 6 * 384 * 4  # an upper bound: one window per vector
+    cached = make_ray_datasets(cfg, info)["train"]
+    streamed = make_ray_datasets(load_config(None, [f"data.path={root}", "data.cache_train_mb=0",
+                                                    "data.max_valid_windows=64"]), info)["train"]
+    assert "ReadFilesParquetV2" in repr(streamed) and "ReadFilesParquetV2" not in repr(cached)
+    for f in (root / "train").glob("*.parquet"):
+        f.rename(f.with_suffix(".moved"))  # the files are gone: only a cache can still serve windows
+    n = sum(len(b["x"]) for b in cached.iter_batches(batch_size=1024))
+    assert n == 6931
+
+
 def test_bad_rows_error_names_the_row_and_skip_drops_it_from_the_windows(sample_dataset, tmp_path):
     from archlab.platform.data import WindowCutter
     from archlab.platform.shards import read_shard_meta

@@ -46,6 +46,10 @@ class DataConfig(_Strict):
     dim: int | None = Field(None, ge=1)
     vocab_size: int | None = Field(None, ge=2)
     max_valid_windows: int = Field(0, ge=0)  # 0 = all
+    # Train windows up to this size (MiB, estimated from the manifest) are read and cut once
+    # per job and kept in Ray's object store; every trial and epoch iterates the cached
+    # blocks. Larger train splits stream from the files each epoch. 0 = always stream.
+    cache_train_mb: int = Field(1024, ge=0)
 
     @field_validator("path", mode="before")
     @classmethod
@@ -181,12 +185,14 @@ def load_config(
     overrides: list[str] | None = None,
     smoke_test: bool = False,
 ) -> ArchlabConfig:
-    """Defaults <- smoke settings (if --smoke-test) <- YAML file <- --set overrides."""
+    """Defaults <- YAML file <- smoke settings (if --smoke-test) <- --set overrides.
+
+    --smoke-test is a command-line choice like --set, so it wins over the file: a config
+    written for a full run (epochs, samples, budget) still gives a smoke-sized run with
+    --smoke-test, which is what the flag promises. --set still wins over both."""
     import yaml
 
     data: dict[str, Any] = {}
-    if smoke_test:
-        data = _merge(data, SMOKE)
     source = "defaults"
     if path is not None:
         source = str(path)
@@ -200,6 +206,8 @@ def load_config(
         if not isinstance(loaded, dict):
             raise ConfigError(f"{p}: expected a mapping at the top level, found {type(loaded).__name__}")
         data = _merge(data, loaded)
+    if smoke_test:
+        data = _merge(data, SMOKE)
     data = apply_overrides(data, list(overrides or []))
     if smoke_test:
         data["smoke_test"] = True
