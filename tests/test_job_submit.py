@@ -24,7 +24,10 @@ def head_node(tmp_path):
     proc = subprocess.Popen(
         [ray_bin, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=8",
-         "--include-dashboard=true", "--disable-usage-stats"],
+         "--include-dashboard=true", "--disable-usage-stats",
+         # fixed defaults (agent 52365, client server 10001) are taken when this session's
+         # local Ray already runs: the agent then fails to bind and the head never takes jobs
+         f"--dashboard-agent-listen-port={free_port()}", f"--ray-client-server-port={free_port()}"],
         stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
     )
     address = f"http://127.0.0.1:{dash}"
@@ -40,7 +43,8 @@ def head_node(tmp_path):
 def _wait_for_job_agent(address, tmp_path):
     """The dashboard answers before its job agent registers (CI saw "No available agent to
     submit job" from a head that answered /api/version): a trivial job through archlab's
-    retrying submit proves the head takes jobs before the test's `ray job submit`."""
+    retrying submit proves the head takes jobs before the test's `ray job submit`. (That CI
+    failure's cause was the agent's port, held by the session's other Ray: see head_node.)"""
     import time
 
     from ray.job_submission import JobStatus, JobSubmissionClient
