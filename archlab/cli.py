@@ -219,7 +219,7 @@ def submit(
     """Submit `archlab <args>` as a Ray job with this directory as the working dir."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    from archlab.platform.runtime import submit_job
+    from archlab.platform.runtime import submit_job, wait_for_job
 
     client = JobSubmissionClient(address)
     entry = "archlab " + " ".join(args)
@@ -228,10 +228,7 @@ def submit(
     print(f"submitted {job_id}: {entry}")
     if not wait:
         return
-    import time
-
-    while (status := client.get_job_status(job_id)) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
-        time.sleep(2)
+    status = wait_for_job(client, job_id)
     print(client.get_job_logs(job_id))
     print(f"job {job_id}: {status}")
     if status != JobStatus.SUCCEEDED:

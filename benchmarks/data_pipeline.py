@@ -96,7 +96,7 @@ def data_wait(root: Path, arch: str, flavor: str, steps: int, batch_size: int, t
     import torch
 
     from archlab.platform.config import load_config
-    from archlab.platform.data import inspect_dataset, make_ray_datasets
+    from archlab.platform.data import caches_train, inspect_dataset, make_ray_datasets
     from archlab.platform.losses import make_loss
     from archlab.platform.train import _vector_loss, build_from_spec, model_spec
 
@@ -111,7 +111,7 @@ def data_wait(root: Path, arch: str, flavor: str, steps: int, batch_size: int, t
     t0 = time.perf_counter()
     ds = make_ray_datasets(cfg, info)["train"]
     t_make = time.perf_counter() - t0  # with the cache: reading and cutting every window, once
-    mode = "cached (read once per job)" if "ReadFilesParquet" not in repr(ds) else "streaming (read every epoch)"
+    mode = "cached (read once per job)" if caches_train(cfg, info) else "streaming (read every epoch)"
     spec = model_spec(cfg, {"dim": info.dim, "vocab_size": info.vocab_size, "dataset_id": info.dataset_id})
     model = build_from_spec(spec)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)

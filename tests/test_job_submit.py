@@ -45,19 +45,16 @@ def _wait_for_job_agent(address, tmp_path):
     submit job" from a head that answered /api/version): a trivial job through archlab's
     retrying submit proves the head takes jobs before the test's `ray job submit`. (That CI
     failure's cause was the agent's port, held by the session's other Ray: see head_node.)"""
-    import time
-
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    from archlab.platform.runtime import submit_job
+    from archlab.platform.runtime import submit_job, wait_for_job
 
     client = JobSubmissionClient(address)
     job = submit_job(client, entrypoint="python -c \"print('agent ready')\"", agent_timeout_s=240)
-    deadline = time.time() + 240
-    while (status := client.get_job_status(job)) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
-        if time.time() > deadline:
-            pytest.fail(f"probe job {job} still {status} after 240 s:\n{(tmp_path / 'head.log').read_text()[-3000:]}")
-        time.sleep(1)
+    try:
+        status = wait_for_job(client, job, timeout_s=240, poll_s=1)
+    except TimeoutError as e:
+        pytest.fail(f"probe {e}:\n{(tmp_path / 'head.log').read_text()[-3000:]}")
     assert status == JobStatus.SUCCEEDED, client.get_job_logs(job)
 
 

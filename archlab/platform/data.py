@@ -226,13 +226,12 @@ def make_ray_datasets(cfg: ArchlabConfig, info: DatasetInfo) -> dict[str, Any]:
         )
 
     train = windows(info.files[cfg.data.train_split], cfg.data.stride)
-    size = train_windows_bytes(cfg, info)
-    if cfg.data.cache_train_mb and size <= cfg.data.cache_train_mb * 2**20:
+    if caches_train(cfg, info):
         # Read and cut once for the whole job: otherwise every trial and every epoch starts
         # a new read (ListFiles -> ReadParquet -> WindowCutter), which costs a 2-core machine
         # about 15 s before the first batch, whatever the step budget.
         log.info("train windows (~%.0f MiB) cached in the object store (data.cache_train_mb=%d)",
-                 size / 2**20, cfg.data.cache_train_mb)
+                 train_windows_bytes(cfg, info) / 2**20, cfg.data.cache_train_mb)
         train = train.materialize()
     # block order shuffled per execution (each epoch), then a bounded local shuffle per worker
     train = train.randomize_block_order(seed=cfg.train.seed)
@@ -258,6 +257,12 @@ def train_windows_bytes(cfg: ArchlabConfig, info: DatasetInfo) -> int:
     if info.kind == "vector":
         return items // cfg.data.stride * (cfg.data.context + 1) * int(info.dim or 0) * 4
     return items * 8 * (cfg.data.seq_len + 1) // cfg.data.seq_len
+
+
+def caches_train(cfg: ArchlabConfig, info: DatasetInfo) -> bool:
+    """Whether make_ray_datasets reads the train windows once per job (under
+    data.cache_train_mb) rather than streaming them from the files every epoch."""
+    return bool(cfg.data.cache_train_mb) and train_windows_bytes(cfg, info) <= cfg.data.cache_train_mb * 2**20
 
 
 def read_vector_docs(files: list[str], dim: int) -> list[np.ndarray]:

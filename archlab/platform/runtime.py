@@ -182,3 +182,18 @@ def submit_job(client, *, entrypoint: str, runtime_env: dict | None = None,
                     f"{agent_timeout_s:.0f} s (last answer: {e})") from e
             log.warning("Ray head has no job agent yet; retrying the submission")
             time.sleep(3)
+
+
+def wait_for_job(client, job_id: str, timeout_s: float | None = None, poll_s: float = 2.0):
+    """Poll a Ray job until it ends; returns its final JobStatus (SUCCEEDED, FAILED or
+    STOPPED). Raises TimeoutError naming the job and its last status after `timeout_s`."""
+    import time
+
+    from ray.job_submission import JobStatus
+
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    while (status := client.get_job_status(job_id)) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError(f"Ray job {job_id} still {status} after {timeout_s:.0f} s")
+        time.sleep(poll_s)
+    return status
