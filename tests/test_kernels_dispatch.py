@@ -64,18 +64,22 @@ def test_missing_package_is_named(monkeypatch):
         retention(q, q, q, torch.tensor([0.5]), kernel="fla")
 
 
-def test_auto_on_cpu_picks_torch_and_logs_once(caplog, monkeypatch):
-    # even with the interpreter on, auto must not pick the (exact but slow) Triton interpreter
+def test_auto_on_cpu_picks_fused_scan_or_torch_and_logs_once(caplog, monkeypatch):
+    # even with the interpreter on, auto must not pick the (exact but slow) Triton interpreter;
+    # the scan takes the fused C path where a C compiler exists, torch otherwise
+    from archlab.kernels.scan.cpu_scan import find_compiler
+
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     _logged.clear()
+    scan_path = "cpu" if find_compiler() else "torch"
     with caplog.at_level(logging.INFO, logger="archlab.kernels"):
         for _ in range(3):
-            assert resolve_kernel("scan", "auto", CPU) == "torch"
+            assert resolve_kernel("scan", "auto", CPU) == scan_path
             assert resolve_kernel("ssd", "auto", CPU) == "torch"
             assert resolve_kernel("retention", "auto", CPU) == "torch"
     lines = [r.getMessage() for r in caplog.records if r.name == "archlab.kernels"]
     assert len(lines) == 3, lines
-    assert any("scan on cpu uses the 'torch' path" in m for m in lines), lines
+    assert any(f"scan on cpu uses the '{scan_path}' path" in m for m in lines), lines
 
 
 def test_auto_results_equal_explicit_torch():

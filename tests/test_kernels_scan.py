@@ -161,3 +161,141 @@ def _triton_installed() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("triton") is not None
+
+
+# ---- the fused C path (kernel="cpu"): built by the system C compiler on first use ----
+
+def _has_compiler():
+    from archlab.kernels.scan.cpu_scan import find_compiler
+
+    return find_compiler() is not None
+
+
+needs_cc = pytest.mark.skipif(not _has_compiler(), reason="no C compiler on PATH for the fused CPU scan")
+
+
+@needs_cc
+@pytest.mark.parametrize("B,T,D", SIZES, ids=[f"B{B}-T{T}-D{D}" for B, T, D in SIZES])
+@pytest.mark.parametrize("with_h0", [True, False], ids=["h0", "no_h0"])
+def test_cpu_matches_reference_fp32(B, T, D, with_h0):
+    check_against_reference("cpu", B, T, D, None, with_h0=with_h0)
+
+
+@needs_cc
+def test_cpu_bf16_and_fp64():
+    check_against_reference("cpu", 2, 33, 12, None, dtype=torch.bfloat16)
+    # fp64 stays fp64 inside: compare with the fp64 reference to fp64 precision
+    a, b, h0 = make_inputs(2, 63, 60, dtype=torch.float64)
+    h, hT = linear_scan(a, b, h0, kernel="cpu")
+    assert h.dtype == torch.float64
+    h_r, hT_r = linear_scan_ref(a, b, h0)
+    assert_close("h fp64", h, h_r, 1e-12)
+    g = torch.autograd.grad((h * h_r.detach()).sum(), (a, b, h0))
+    g_r = torch.autograd.grad((h_r * h_r.detach()).sum(), (a, b, h0))
+    for name, x, y in zip(("da", "db", "dh0"), g, g_r):
+        assert_close(name + " fp64", x, y, 1e-12)
+
+
+@needs_cc
+def test_cpu_threads_split_channels_exactly():
+    """Every (batch row, channel block) is one thread's whole column: the result must not
+    depend on the thread count, bit for bit, forward and backward."""
+    a, b, h0 = make_inputs(3, 200, 301)  # 180,600 elements: above the one-thread cut-off
+    outs = {}
+    old = torch.get_num_threads()
+    try:
+        for n in (1, 2, 5):
+            torch.set_num_threads(n)
+            h, _ = linear_scan(a, b, h0, kernel="cpu")
+            outs[n] = (h.detach(), *torch.autograd.grad(h.pow(2).sum(), (a, b, h0)))
+    finally:
+        torch.set_num_threads(old)
+    for n in (2, 5):
+        for x, y in zip(outs[1], outs[n]):
+            assert torch.equal(x, y), f"threads={n} differs from threads=1"
+
+
+@needs_cc
+def test_cpu_zero_gates_closed_form_and_16k():
+    B, T, D = 1, 40, 3
+    a = torch.full((B, T, D), 0.5)
+    a[:, 10] = 0.0
+    h, hT = linear_scan(a, torch.ones(B, T, D), torch.full((B, D), 4.0), kernel="cpu")
+    t = torch.arange(T, dtype=torch.float32)
+    expected = torch.where(t < 10, 4 * 0.5 ** (t + 1) + (1 - 0.5 ** (t + 1)) / 0.5,
+                           (1 - 0.5 ** (t - 9)) / 0.5)
+    assert_close("h closed form", h[0, :, 0], expected, 1e-6)
+    a, b, h0 = make_inputs(1, 16384, 4, sign="positive")
+    with torch.no_grad():
+        h, hT = linear_scan(a, b, h0, kernel="cpu")
+        h_r, hT_r = linear_scan_ref(a, b, h0)
+    assert_close("h 16k", h, h_r, RMS_TOL[torch.float32])
+    assert_close("h_T 16k", hT, hT_r, RMS_TOL[torch.float32])
+
+
+@needs_cc
+def test_cpu_refuses_tensors_off_cpu():
+    from archlab.kernels.scan.cpu_scan import linear_scan_cpu
+
+    with pytest.raises(ValueError, match=r"kernel='cpu': a is on meta"):
+        linear_scan_cpu(torch.empty(1, 2, 3, device="meta"), torch.rand(1, 2, 3))
+
+
+@pytest.fixture
+def fresh_cpu_build(monkeypatch, tmp_path):
+    """A process state where the fused scan has not been built yet, with an empty cache."""
+    from archlab.kernels import _dispatch
+    from archlab.kernels.scan import cpu_scan
+
+    monkeypatch.setattr(cpu_scan, "_lib", None)
+    monkeypatch.setattr(_dispatch, "_cpu_build_error", None)
+    monkeypatch.setenv("ARCHLAB_KERNEL_CACHE", str(tmp_path / "cache"))
+    return tmp_path
+
+
+def test_cpu_build_failure_is_named_and_auto_falls_back(fresh_cpu_build, monkeypatch, caplog):
+    """A compiler that fails: kernel='cpu' raises with its command and output; auto logs
+    why once and runs the torch path; nothing half-built is left in the cache."""
+    import logging
+
+    from archlab.kernels import KernelUnavailableError, resolve_kernel
+
+    fake = fresh_cpu_build / "badcc"
+    fake.write_text("#!/bin/sh\necho 'badcc: simulated compiler failure' >&2\nexit 3\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("CC", str(fake))
+    with pytest.raises(KernelUnavailableError, match=r"(?s)kernel='cpu' is unavailable.*badcc.*exited 3.*simulated compiler failure"):
+        linear_scan(torch.rand(1, 4, 2), torch.rand(1, 4, 2), kernel="cpu")
+    with caplog.at_level(logging.WARNING, logger="archlab.kernels"):
+        assert resolve_kernel("scan", "auto", torch.device("cpu")) == "torch"
+        h, _ = linear_scan(torch.rand(1, 4, 2), torch.rand(1, 4, 2))  # auto: runs on torch
+    assert h.shape == (1, 4, 2)
+    cache = fresh_cpu_build / "cache"
+    assert not cache.exists() or not any(cache.iterdir()), list(cache.iterdir())
+
+
+def test_cpu_without_compiler_is_unavailable(fresh_cpu_build, monkeypatch):
+    from archlab.kernels import KernelUnavailableError, available_paths
+
+    monkeypatch.setenv("PATH", str(fresh_cpu_build))  # no cc, gcc or clang here
+    monkeypatch.delenv("CC", raising=False)
+    assert "cpu" not in available_paths("scan", "cpu")
+    assert available_paths("scan", "cpu")[0] == "torch"
+    with pytest.raises(KernelUnavailableError, match=r"no C compiler found"):
+        linear_scan(torch.rand(1, 4, 2), torch.rand(1, 4, 2), kernel="cpu")
+
+
+@needs_cc
+def test_cpu_build_is_cached_and_atomic(fresh_cpu_build):
+    """First use builds one library into the cache, named by the source's hash; a second
+    process state loads it without building (no temporary files left behind)."""
+    from archlab.kernels.scan import cpu_scan
+
+    cpu_scan.load_library()
+    built = sorted(p.name for p in (fresh_cpu_build / "cache").iterdir())
+    assert len(built) == 1 and built[0].startswith("archlab_scan_") and built[0].endswith(".so"), built
+    mtime = (fresh_cpu_build / "cache" / built[0]).stat().st_mtime_ns
+    cpu_scan._lib = None
+    cpu_scan.load_library()
+    assert sorted(p.name for p in (fresh_cpu_build / "cache").iterdir()) == built
+    assert (fresh_cpu_build / "cache" / built[0]).stat().st_mtime_ns == mtime

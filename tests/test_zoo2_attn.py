@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from archlab.architectures import build_model, load_module
 from archlab.architectures.io import count_params
+from archlab.kernels.scan.cpu_scan import find_compiler
 
 torch.set_num_threads(1)
 
@@ -418,7 +419,8 @@ def test_bf16_autocast_tracks_fp32(name):
     ("qrnn", {"kernel": "reference"}, "scan:reference"),
     ("indrnn", {}, "sequential"),
     ("indrnn", {"activation": "identity", "kernel": "torch"}, "scan:torch"),
-])
+] + ([("indrnn", {"activation": "identity", "kernel": "cpu"}, "scan:cpu"),
+       ("qrnn", {"kernel": "cpu"}, "scan:cpu")] if find_compiler() else []))
 def test_kernel_path_reports_what_ran(name, over, expected):
     model = debug_backbone(name, **over)
     model(torch.randn(1, 4, 32))

@@ -21,6 +21,10 @@ import torch
 import torch.nn.functional as F
 
 from archlab.architectures import elman, griffin, hawk, min_gru, min_lstm
+from archlab.kernels.scan.cpu_scan import find_compiler
+
+# what `auto` resolves the scan to on CPU: the fused C scan where a C compiler exists
+AUTO_SCAN = "cpu" if find_compiler() else "torch"
 
 B, T, D_IN = 2, 63, 20
 
@@ -82,7 +86,7 @@ def test_step_equals_parallel_outputs_and_grads(mod, flavor, overrides):
 
 
 @pytest.mark.parametrize("mod", [min_gru, min_lstm, hawk], ids=["min_gru", "min_lstm", "hawk"])
-@pytest.mark.parametrize("kernel", ["reference", "torch"])
+@pytest.mark.parametrize("kernel", ["reference", "torch"] + (["cpu"] if AUTO_SCAN == "cpu" else []))
 def test_scan_paths_agree_in_the_model(mod, kernel):
     """The model run through each CPU scan path matches its own step loop."""
     y_par, y_step, g_par, g_step = _run_both(mod, "debug", {}, kernel=kernel)
@@ -354,11 +358,12 @@ def test_bf16_autocast_tiny(mod, flavor):
 
 
 @pytest.mark.parametrize("mod,expected", [
-    (min_gru, "scan:torch"), (min_lstm, "scan:torch"), (hawk, "scan:torch"),
-    (griffin, "scan:torch+local_attn:sdpa"), (elman, "loop"),
+    (min_gru, f"scan:{AUTO_SCAN}"), (min_lstm, f"scan:{AUTO_SCAN}"), (hawk, f"scan:{AUTO_SCAN}"),
+    (griffin, f"scan:{AUTO_SCAN}+local_attn:sdpa"), (elman, "loop"),
 ], ids=["min_gru", "min_lstm", "hawk", "griffin", "elman"])
 def test_kernel_path_named(mod, expected):
-    """On CPU, `auto` resolves the scan to the chunked torch path, and the backbone says so."""
+    """On CPU, `auto` resolves the scan to the fused C path (the chunked torch path where no
+    C compiler exists), and the backbone says so."""
     bb = mod.build(mod.FLAVORS["debug"], 8)
     bb(torch.randn(1, 5, 8))
     assert bb.kernel_path == expected, f"kernel_path {bb.kernel_path!r}, expected {expected!r}"

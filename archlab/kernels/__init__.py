@@ -5,7 +5,8 @@ Ops (each `kernels/<op>/` has `reference.py`, the source of truth, and fast path
 - `ssd`: Mamba-2 chunked state-space duality                     -> `ssd`
 - `retention`: RetNet multi-scale retention                      -> `retention`
 
-Every public op takes `kernel="auto" | "reference" | "torch" | "triton" | "mamba_ssm" | "fla"`.
+Every public op takes `kernel="auto" | "reference" | "torch" | "cpu" | "triton" | "mamba_ssm" | "fla"`
+("cpu": the fused C scan, scan only).
 Importing this package imports neither triton nor mamba-ssm nor fla: availability is
 decided with `importlib.util.find_spec` and `torch.cuda.is_available()` only.
 """

@@ -14,14 +14,16 @@ import torch
 
 log = logging.getLogger("archlab.kernels")
 
-KERNELS = ("auto", "reference", "torch", "triton", "mamba_ssm", "fla")
+KERNELS = ("auto", "reference", "torch", "cpu", "triton", "mamba_ssm", "fla")
 
 # Paths each op implements, fastest first: `auto` takes the first available one.
 # `reference` is last because it is the slow source of truth, never an automatic choice.
 OPS: dict[str, tuple[str, ...]] = {
+    # cpu first: the fused C scan (one memory pass; built on first use by the system C
+    # compiler) when a compiler is present and the tensors are on CPU.
     # triton after torch: the Triton scan is verified only under the CPU interpreter and has
     # no GPU timing yet, so `auto` does not bet a user's run on it; kernel="triton" asks for it
-    "scan": ("torch", "triton", "reference"),
+    "scan": ("cpu", "torch", "triton", "reference"),
     "ssd": ("mamba_ssm", "torch", "reference"),
     "retention": ("fla", "torch", "reference"),
 }
@@ -33,6 +35,26 @@ _PACKAGE = {"triton": ("triton", "triton"), "mamba_ssm": ("mamba_ssm", "mamba-ss
 
 class KernelUnavailableError(RuntimeError):
     """A kernel path was asked for explicitly but cannot run here (package or device)."""
+
+
+# Set once when building the fused C scan failed in this process: `auto` stops choosing it
+# and an explicit kernel="cpu" reports this message.
+_cpu_build_error: str | None = None
+
+
+def _cpu_ready() -> str | None:
+    """Build (first call) and load the fused C scan; None when it works, else why not."""
+    global _cpu_build_error
+    if _cpu_build_error is not None:
+        return _cpu_build_error
+    from archlab.kernels.scan.cpu_scan import BuildError, load_library
+
+    try:
+        load_library()
+    except (BuildError, OSError) as err:  # OSError: the .so would not load
+        _cpu_build_error = f"the fused C scan could not be built or loaded: {err}"
+        log.warning("kernels: %s; scan falls back to the torch path", _cpu_build_error)
+    return _cpu_build_error
 
 
 def _interpret() -> bool:
@@ -47,6 +69,16 @@ def _why_unavailable(op: str, path: str, device: torch.device | None) -> str | N
     if path not in OPS[op]:
         return f"op {op!r} has no {path!r} path; its paths are {list(OPS[op])}"
     if path in ("reference", "torch"):
+        return None
+    if path == "cpu":
+        if device is not None and device.type != "cpu":
+            return f"tensors are on {device.type!r}: the fused C scan takes CPU tensors"
+        if _cpu_build_error is not None:
+            return _cpu_build_error
+        from archlab.kernels.scan.cpu_scan import find_compiler  # stdlib-only import
+
+        if find_compiler() is None:
+            return "no C compiler found (looked for $CC, cc, gcc, clang on PATH) to build the fused C scan"
         return None
     module, pip_name = _PACKAGE[path]
     if importlib.util.find_spec(module) is None:
@@ -87,7 +119,8 @@ def resolve_kernel(op: str, kernel: str, device: torch.device) -> str:
 
     `auto` takes the fastest available path, except Triton under the CPU interpreter (exact
     but hundreds of times slower than the torch path), and logs its choice once per
-    (op, device type, path).
+    (op, device type, path). Choosing "cpu" builds the fused C scan on first use (about a
+    second); if that fails, `auto` takes the next path and an explicit "cpu" raises.
     """
     if kernel not in KERNELS:
         raise ValueError(f"kernel={kernel!r} is not a kernel name; expected one of {list(KERNELS)}")
@@ -96,6 +129,8 @@ def resolve_kernel(op: str, kernel: str, device: torch.device) -> str:
             if path == "triton" and device.type != "cuda":
                 continue
             if _why_unavailable(op, path, device) is None:
+                if path == "cpu" and _cpu_ready() is not None:
+                    continue
                 key = (op, device.type, path)
                 if key not in _logged:
                     _logged.add(key)
@@ -103,6 +138,8 @@ def resolve_kernel(op: str, kernel: str, device: torch.device) -> str:
                 return path
         raise KernelUnavailableError(f"no path available for {op!r} on {device}")  # unreachable: torch
     why = _why_unavailable(op, kernel, device)
+    if why is None and kernel == "cpu" and op in OPS and "cpu" in OPS[op]:
+        why = _cpu_ready()
     if why is not None:
         raise KernelUnavailableError(f"{op}: kernel={kernel!r} is unavailable: {why}")
     return kernel

@@ -22,13 +22,20 @@ def linear_scan(a, b, h0=None, *, kernel: str = "auto", chunk_size: int | None =
     """h_t = a_t * h_{t-1} + b_t over [B, T, D] (a of any sign); h0 [B, D] or None (zeros).
 
     Returns (h [B, T, D], h_T [B, D]) in b's dtype, computed in fp32. Differentiable in a,
-    b and h0 on every path. kernel: "auto" | "reference" | "torch" | "triton".
+    b and h0 on every path. kernel: "auto" | "reference" | "torch" | "cpu" | "triton".
+    "cpu" is the fused C loop (built on first use, see cpu_scan.py); if building it fails,
+    "auto" logs why once and takes "torch", and an explicit "cpu" raises
+    KernelUnavailableError with the compiler's message.
     chunk_size: time steps per block (None: a per-path default); results do not depend on it.
     """
     _check(a, b, h0)
     path = resolve_kernel("scan", kernel, b.device)
     if path == "reference":
         return linear_scan_ref(a, b, h0)
+    if path == "cpu":
+        from archlab.kernels.scan.cpu_scan import linear_scan_cpu
+
+        return linear_scan_cpu(a, b, h0)
     if path == "torch":
         return linear_scan_torch(a, b, h0, chunk_size)
     from archlab.kernels.scan.triton_scan import linear_scan_triton

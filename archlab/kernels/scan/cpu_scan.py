@@ -1,0 +1,157 @@
+"""Diagonal linear recurrence, the fused CPU path: `cpu_scan.c` built on first use.
+
+One pass over memory forward (read a, b; write h) and one backward (read a, h, dh; write
+da, db), against the ~5 passes and ~100 PyTorch calls of the blocked torch scan, which is
+why this is `auto`'s first choice on CPU when a C compiler is present. The C source has no
+Python or torch headers: the system compiler (`$CC`, else cc, gcc or clang) builds it into a
+shared library in about a second, cached by content hash under `$ARCHLAB_KERNEL_CACHE`
+(default `~/.cache/archlab/kernels`). The library is written to a temporary name and
+renamed into place, so Ray workers building at once never load a half-written file.
+
+Threads: torch.get_num_threads() at call time (the ctypes call releases the GIL), one
+worker per (batch row, channel block); tiny problems run on the calling thread.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("cpu_scan.c")
+FLAGS = ("-O3", "-shared", "-fPIC", "-std=c99", "-pthread")
+# below this many elements a second thread costs more than it saves
+_PARALLEL_MIN = 1 << 16
+_DTYPES = {torch.float32: 0, torch.float64: 1}
+
+
+class BuildError(RuntimeError):
+    """The C compiler is missing or failed; the message has its command and output."""
+
+
+def find_compiler() -> str | None:
+    """The C compiler the path would use, or None: $CC if set, else cc, gcc, clang on PATH."""
+    if os.environ.get("CC"):
+        return shutil.which(os.environ["CC"].split()[0])
+    for name in ("cc", "gcc", "clang"):
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("ARCHLAB_KERNEL_CACHE") or Path.home() / ".cache" / "archlab" / "kernels")
+
+
+_lib = None
+_lock = threading.Lock()
+
+
+def _build(compiler: str, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=out.stem + ".", suffix=".tmp.so", dir=out.parent)
+    os.close(fd)
+    cmd = [compiler, *FLAGS, "-o", tmp, str(SOURCE)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        if proc.returncode != 0:
+            raise BuildError(f"building the fused CPU scan failed: `{' '.join(cmd)}` exited "
+                             f"{proc.returncode}:\n{proc.stderr.strip() or proc.stdout.strip()}")
+        os.replace(tmp, out)  # atomic: a concurrent loader sees the old file or the whole new one
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def load_library():
+    """The compiled kernels (built on first call, then cached on disk and in memory)."""
+    global _lib
+    if _lib is not None:
+        return _lib
+    with _lock:
+        if _lib is not None:
+            return _lib
+        compiler = find_compiler()
+        if compiler is None:
+            raise BuildError("no C compiler found for the fused CPU scan (looked for $CC, cc, gcc, "
+                             "clang on PATH); install one (e.g. `apt install gcc`) or use kernel='torch'")
+        key = hashlib.sha256(SOURCE.read_bytes() + " ".join((compiler, *FLAGS)).encode()).hexdigest()[:16]
+        path = cache_dir() / f"archlab_scan_{key}.so"
+        if not path.exists():
+            _build(compiler, path)
+        lib = ctypes.CDLL(str(path))
+        i64, vp = ctypes.c_int64, ctypes.c_void_p
+        lib.archlab_scan_fwd.argtypes = [ctypes.c_int, vp, vp, vp, vp, i64, i64, i64, ctypes.c_int]
+        lib.archlab_scan_fwd.restype = ctypes.c_int
+        lib.archlab_scan_bwd.argtypes = [ctypes.c_int, vp, vp, vp, vp, vp, vp, vp, i64, i64, i64, ctypes.c_int]
+        lib.archlab_scan_bwd.restype = ctypes.c_int
+        _lib = lib
+        return lib
+
+
+def _ptr(t: torch.Tensor | None):
+    return None if t is None else t.data_ptr()
+
+
+def _threads(numel: int) -> int:
+    return torch.get_num_threads() if numel >= _PARALLEL_MIN else 1
+
+
+def scan_fwd(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None) -> torch.Tensor:
+    """a, b [B, T, D] contiguous CPU fp32/fp64 of one dtype, h0 [B, D] or None -> h."""
+    lib = load_library()
+    h = torch.empty_like(b)
+    bsz, t, d = b.shape
+    rc = lib.archlab_scan_fwd(_DTYPES[b.dtype], _ptr(a), _ptr(b), _ptr(h0), _ptr(h), bsz, t, d,
+                              _threads(b.numel()))
+    if rc != 0:
+        raise RuntimeError(f"fused CPU scan forward: a worker thread failed to join (rc={rc})")
+    return h
+
+
+class _CpuScan(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a, b, h0):
+        h = scan_fwd(a, b, h0)
+        ctx.save_for_backward(a, h, h0)
+        return h
+
+    @staticmethod
+    def backward(ctx, dh):
+        a, h, h0 = ctx.saved_tensors
+        dh = dh.contiguous()
+        da, db = torch.empty_like(a), torch.empty_like(a)
+        want_h0 = h0 is not None and ctx.needs_input_grad[2]
+        dh0 = torch.empty_like(h0) if want_h0 else None
+        bsz, t, d = a.shape
+        rc = load_library().archlab_scan_bwd(_DTYPES[a.dtype], _ptr(a), _ptr(h), _ptr(h0), _ptr(dh),
+                                             _ptr(da), _ptr(db), _ptr(dh0), bsz, t, d,
+                                             _threads(a.numel()))
+        if rc != 0:
+            raise RuntimeError(f"fused CPU scan backward: a worker thread failed to join (rc={rc})")
+        return da, db, dh0
+
+
+def linear_scan_cpu(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None = None):
+    """a, b [B, T, D] on CPU, h0 [B, D] or None -> (h, h_T); fp32 inside (fp64 stays fp64), b's dtype out."""
+    for name, x in (("a", a), ("b", b), ("h0", h0)):
+        if x is not None and x.device.type != "cpu":
+            raise ValueError(f"kernel='cpu': {name} is on {x.device}; the fused CPU scan takes CPU tensors")
+    dtype = b.dtype
+    ct = torch.promote_types(b.dtype, torch.float32)
+    if ct not in _DTYPES:
+        raise ValueError(f"kernel='cpu': b has dtype {b.dtype}; expected a float type (fp32 inside, fp64 kept)")
+    a32, b32 = a.to(ct).contiguous(), b.to(ct).contiguous()
+    h032 = None if h0 is None else h0.to(ct).contiguous()
+    h = _CpuScan.apply(a32, b32, h032)
+    t = b.shape[1]
+    h_T = h[:, -1] if t > 0 else (b32.new_zeros(b.shape[0], b.shape[2]) if h0 is None else h032)
+    return h.to(dtype), h_T.to(dtype)
