@@ -78,6 +78,25 @@ def test_prepare_parquet_sources_and_bad_row_policy(tmp_path, shared_data):
     assert code == 0 and "60 rows, 1121681 tokens, 0 bad rows" in text
 
 
+def test_prepare_skip_docs_from_the_command_line(tmp_path, shared_data):
+    txt = shared_data / "wikitext2-text" / "valid.txt"
+    out = tmp_path / "split"
+    base = ("prepare", txt, "--out", out, "--from", "text", "--kind", "token", "--docs", "wikitext")
+    code, text = _run(*base, "--split", "train", "--max-docs", "58")
+    assert code == 0, text
+    code, held = _run(*base, "--split", "valid", "--skip-docs", "58")
+    assert code == 0, held
+    docs = split_documents(txt.read_text(encoding="utf-8"), "wikitext")
+    assert f"58 rows, {sum(len(d.encode()) for d in docs[:58])} tokens, 0 bad rows" in text
+    assert f"[valid] token: 1 file(s), 2 rows, {sum(len(d.encode()) for d in docs[58:])} tokens, 0 bad rows" in held
+    code, text = _run(*base, "--split", "valid", "--skip-docs", "-1")
+    assert code == 1 and "error: --skip-docs: expected an integer >= 0, found -1" in text
+    code, text = _run(*base, "--split", "valid", "--skip-docs", "60")
+    assert code == 1 and f"error: {txt}: --skip-docs 60 leaves no documents: found 60 document(s)" in text
+    code, text = _run("prepare", "--help")
+    assert code == 0 and "--skip-docs" in text
+
+
 # ------------------------------------------------------------- tokenizers
 def test_byte_tokenizer_roundtrip():
     tok = ByteTokenizer()

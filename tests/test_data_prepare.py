@@ -76,6 +76,113 @@ def test_text_to_bpe_tokens_roundtrip_and_metadata(tmp_path, valid_txt):
         P.text_to_token_shards(src, out, split="valid", tokenizer="bpe", vocab_size=700)
 
 
+# ------------------------------------------- one file, two splits (--skip-docs)
+def _doc_ids(paths) -> list[str]:
+    return [i for p in paths for i in pq.read_table(p).column("doc_id").to_pylist()]
+
+
+def test_skip_docs_holds_out_documents_of_one_text_file(tmp_path, valid_txt):
+    """train = the first 2 articles, held out = the 3rd: disjoint, and together exactly the
+    first 3 articles of valid.txt, byte for byte."""
+    out = tmp_path / "bytes"
+    train = P.text_to_token_shards(valid_txt, out, split="train", docs="wikitext", max_docs=2)
+    held = P.text_to_token_shards(valid_txt, out, split="valid", docs="wikitext", skip_docs=2, max_docs=1)
+    first3 = P.split_documents(valid_txt.read_text(encoding="utf-8"), "wikitext")[:3]
+    assert _doc_ids(train) == ["valid:0", "valid:1"] and _doc_ids(held) == ["valid:2"]
+    tt, th = _tokens(train), _tokens(held)
+    assert (len(tt), len(th)) == (2, 1)
+    assert not {bytes(t) for t in tt} & {bytes(t) for t in th}
+    assert b"".join(bytes(t) for t in tt + th) == "".join(first3).encode("utf-8")
+    assert bytes(th[0]).startswith(first3[2][:40].encode("utf-8")) and not first3[2].startswith(first3[0][:40])
+    m = load_manifest(out)
+    assert [sum(e["rows"] for e in m["splits"][s]) for s in ("train", "valid")] == [2, 1]
+    # the range is part of the prepare key: the same range is up to date, another one rebuilds
+    stamp = held[0].stat().st_mtime_ns
+    assert P.text_to_token_shards(valid_txt, out, split="valid", docs="wikitext", skip_docs=2, max_docs=1) == held
+    assert held[0].stat().st_mtime_ns == stamp
+    moved = P.text_to_token_shards(valid_txt, out, split="valid", docs="wikitext", skip_docs=3, max_docs=1)
+    assert _doc_ids(moved) == ["valid:3"]
+    assert read_shard_meta(moved[0]).extra["prepare_key"] != read_shard_meta(train[0]).extra["prepare_key"]
+    # skip 0 leaves the key as it was before the option existed (dataset ids stay the same)
+    assert P._range_params(0, 2) == {"max_docs": 2}
+
+
+def test_skip_docs_bad_values(tmp_path, valid_txt, shared_data):
+    with pytest.raises(DataError, match=r"^--skip-docs: expected an integer >= 0, found -1$"):
+        P.text_to_token_shards(valid_txt, tmp_path, split="valid", docs="wikitext", skip_docs=-1)
+    with pytest.raises(DataError, match=r"^--max-docs: expected an integer >= 1, found 0$"):
+        P.text_to_token_shards(valid_txt, tmp_path, split="valid", docs="wikitext", max_docs=0)
+    with pytest.raises(DataError) as e:
+        P.text_to_token_shards(valid_txt, tmp_path, split="valid", docs="wikitext", skip_docs=60)
+    assert str(e.value) == (f"{valid_txt}: --skip-docs 60 leaves no documents: found 60 document(s) "
+                            "(--docs wikitext), expected --skip-docs < 60")
+    src = shared_data / "wikitext2-bytes" / "valid.parquet"
+    n_rows = pq.read_metadata(src).num_rows
+    with pytest.raises(DataError, match=rf"valid.parquet: --skip-docs {n_rows} leaves no documents: "
+                                        rf"found {n_rows} document\(s\) \(--docs row: one per row\)"):
+        P.parquet_to_token_shards(src, tmp_path, split="valid", tokens_col="bytes", skip_docs=n_rows)
+    with pytest.raises(DataError, match=r"found 60 document\(s\) \(--docs wikitext\), expected --skip-docs < 60"):
+        P.parquet_to_token_shards(src, tmp_path, split="valid", tokens_col="bytes", length_col="n_valid",
+                                  docs="wikitext", skip_docs=75)
+    vec = shared_data / "wikitext2-minilm384" / "valid.parquet"
+    with pytest.raises(DataError, match=r"--skip-docs 60 leaves no documents: found 60 document\(s\) \(one per row\)"):
+        P.parquet_to_vector_shards(vec, tmp_path, split="valid", id_col="article_id", vectors_col="embeddings",
+                                   skip_docs=60)
+    # text -> vectors applies the same range before any Ray work starts
+    with pytest.raises(DataError, match=r"valid.txt: --skip-docs 61 leaves no documents: found 60 document"):
+        P.text_to_vector_shards(valid_txt, tmp_path, split="valid", model="all-MiniLM-L6-v2", docs="wikitext",
+                                skip_docs=61)
+    with pytest.raises(DataError, match=r"^--skip-docs: expected an integer >= 0, found -3$"):
+        P.text_to_vector_shards(valid_txt, tmp_path, split="valid", model="all-MiniLM-L6-v2", skip_docs=-3)
+    assert not (tmp_path / "valid").exists()  # nothing was written by any of them
+
+
+def test_skip_docs_in_parquet_sources(tmp_path, shared_data, valid_txt):
+    src = shared_data / "wikitext2-bytes" / "valid.parquet"
+    rows = P.parquet_to_token_shards(src, tmp_path / "rows", split="valid", tokens_col="bytes", id_col="row",
+                                     length_col="n_valid", skip_docs=5, max_docs=3)
+    ref = pq.read_table(src).slice(5, 3)
+    assert _doc_ids(rows) == [str(r) for r in ref.column("row").to_pylist()]
+    assert [bytes(t) for t in _tokens(rows)] == [bytes(b[:n]) for b, n in zip(ref.column("bytes").to_pylist(),
+                                                                              ref.column("n_valid").to_pylist())]
+    # the article cut of the byte stream, last 2 articles = the text route's last 2
+    arts = P.parquet_to_token_shards(src, tmp_path / "arts", split="valid", tokens_col="bytes",
+                                     length_col="n_valid", docs="wikitext", skip_docs=58)
+    text = P.text_to_token_shards(valid_txt, tmp_path / "text", split="valid", docs="wikitext", skip_docs=58)
+    assert _doc_ids(arts) == ["valid:58", "valid:59"] and _doc_ids(text) == ["valid:58", "valid:59"]
+    assert all(np.array_equal(a, b) for a, b in zip(_tokens(arts), _tokens(text)))
+    vec = shared_data / "wikitext2-minilm384" / "valid.parquet"
+    vpaths = P.parquet_to_vector_shards(vec, tmp_path / "vec", split="valid", id_col="article_id",
+                                        vectors_col="embeddings", skip_docs=10, max_docs=2)
+    assert _doc_ids(vpaths) == pq.read_table(vec, columns=["article_id"]).slice(10, 2).column("article_id").to_pylist()
+
+
+def test_bpe_is_trained_on_train_and_reused_for_held_out_docs(tmp_path, valid_txt):
+    out = tmp_path / "bpe"
+    with pytest.raises(DataError, match=r"tokenizer.json: not found; the BPE is trained on the train split .* "
+                                        r"prepare --split train first"):
+        P.text_to_token_shards(valid_txt, out, split="valid", tokenizer="bpe", vocab_size=300, docs="wikitext",
+                               skip_docs=2, max_docs=1)
+    assert not (out / "tokenizer.json").exists()
+    train = P.text_to_token_shards(valid_txt, out, split="train", tokenizer="bpe", vocab_size=300, docs="wikitext",
+                                   max_docs=2)
+    trained_on = json.loads((out / P.BPE_TRAINED_ON).read_text())
+    assert (trained_on["max_docs"], trained_on["n_documents"], "skip_docs" in trained_on) == (2, 2, False)
+    sha = (out / "tokenizer.json").read_bytes()
+    held = P.text_to_token_shards(valid_txt, out, split="valid", tokenizer="bpe", docs="wikitext",
+                                  skip_docs=2, max_docs=1)
+    assert (out / "tokenizer.json").read_bytes() == sha  # reused, not retrained on the held-out article
+    tok = load_tokenizer(read_shard_meta(held[0]).tokenizer, out)
+    docs = P.split_documents(valid_txt.read_text(encoding="utf-8"), "wikitext")
+    assert [tok.decode(t) for t in _tokens(train) + _tokens(held)] == docs[:3]
+    # the train split re-prepared as it was is fine; on other documents the old BPE is refused
+    P.text_to_token_shards(valid_txt, out, split="train", tokenizer="bpe", docs="wikitext", max_docs=2, force=True)
+    with pytest.raises(DataError, match=r"trained on other train documents \(source=valid.txt, docs=wikitext, "
+                                        r"skip_docs=0, max_docs=2, n_documents=2\), this train split has "
+                                        r"\(source=valid.txt, docs=wikitext, skip_docs=0, max_docs=3, n_documents=3\)"):
+        P.text_to_token_shards(valid_txt, out, split="train", tokenizer="bpe", docs="wikitext", max_docs=3)
+
+
 def test_parquet_rows_as_documents_and_bad_columns(tmp_path, shared_data):
     src = shared_data / "wikitext2-bytes" / "valid.parquet"
     paths = P.parquet_to_token_shards(src, tmp_path / "rows", split="valid", tokens_col="bytes",

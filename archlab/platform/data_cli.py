@@ -44,7 +44,11 @@ def prepare(
     texts_col: Optional[str] = typer.Option(None, "--texts-col"),
     tokens_col: Optional[str] = typer.Option(None, "--tokens-col"),
     length_col: Optional[str] = typer.Option(None, "--length-col", help="Valid ids per row (rest is padding)."),
-    max_docs: Optional[int] = typer.Option(None, "--max-docs"),
+    max_docs: Optional[int] = typer.Option(None, "--max-docs", help="Keep at most N documents (after --skip-docs)."),
+    skip_docs: int = typer.Option(0, "--skip-docs",
+                                  help="Leave out the first N documents of the cut: the split is documents "
+                                       "[N, N + max-docs). E.g. train --max-docs 54, valid --skip-docs 54 "
+                                       "from one file."),
     rows_per_shard: int = typer.Option(10_000, "--rows-per-shard"),
     force: bool = typer.Option(False, "--force", help="Rebuild even if the split is up to date."),
     smoke_test: bool = typer.Option(False, "--smoke-test", help=f"Only {SMOKE_DOCS} documents."),
@@ -60,16 +64,16 @@ def prepare(
         if source == "text" and kind == "token":
             paths = P.text_to_token_shards(src, out, split=split, tokenizer=tokenizer, vocab_size=vocab_size,
                                            docs=docs or "paragraph", max_docs=max_docs,
-                                           rows_per_shard=rows_per_shard, force=force)
+                                           skip_docs=skip_docs, rows_per_shard=rows_per_shard, force=force)
         elif source == "text" and kind == "vector":
             paths = P.text_to_vector_shards(src, out, split=split, model=model, batch_size=batch_size,
                                             num_actors=num_actors, docs=docs or "paragraph", max_docs=max_docs,
-                                            rows_per_shard=rows_per_shard, force=force)
+                                            skip_docs=skip_docs, rows_per_shard=rows_per_shard, force=force)
         elif source == "parquet" and kind == "vector":
             if not id_col or not vectors_col:
                 raise DataError("--from parquet --kind vector: --id-col and --vectors-col are required")
             paths = P.parquet_to_vector_shards(src, out, split=split, id_col=id_col, vectors_col=vectors_col,
-                                               texts_col=texts_col, max_docs=max_docs,
+                                               texts_col=texts_col, max_docs=max_docs, skip_docs=skip_docs,
                                                rows_per_shard=rows_per_shard, force=force)
         elif source == "parquet" and kind == "token":
             if not tokens_col:
@@ -77,7 +81,8 @@ def prepare(
             paths = P.parquet_to_token_shards(src, out, split=split, tokens_col=tokens_col, id_col=id_col,
                                               length_col=length_col, docs=docs or "row",
                                               vocab_size=vocab_size or 256, tokenizer=tokenizer,
-                                              max_docs=max_docs, rows_per_shard=rows_per_shard, force=force)
+                                              max_docs=max_docs, skip_docs=skip_docs,
+                                              rows_per_shard=rows_per_shard, force=force)
         else:
             raise DataError(f"--from/--kind: expected text|parquet and vector|token, found {source!r}/{kind!r}")
         manifest = load_manifest(out)

@@ -23,6 +23,10 @@ Documents (`docs=`): how raw text or a byte stream is cut into rows.
   (` = Title = `). This cut is lossless: the documents concatenated give the text back;
 - `regex:<pattern>`: a new document at each match of a multi-line regex (lossless too);
 - `row` (Parquet token default): each input row is a document.
+
+Which documents (`skip_docs`, `max_docs`, every source): `documents[skip_docs : skip_docs +
+max_docs]` of the cut, so a train split and a held-out split can come from one file
+(`select_docs`); the range is part of the prepare key.
 """
 
 from __future__ import annotations
@@ -104,6 +108,36 @@ def split_sentences(doc: str) -> list[str]:
     for line in doc.split("\n"):
         out.extend(s.strip() for s in SENTENCE_END.split(line) if s.strip())
     return out
+
+
+def check_doc_range(skip_docs: int = 0, max_docs: int | None = None) -> None:
+    """Refuse a negative --skip-docs or a --max-docs below 1 (a negative slice bound would
+    silently drop documents from the end)."""
+    if not isinstance(skip_docs, int) or skip_docs < 0:
+        raise DataError(f"--skip-docs: expected an integer >= 0, found {skip_docs!r}")
+    if max_docs is not None and (not isinstance(max_docs, int) or max_docs < 1):
+        raise DataError(f"--max-docs: expected an integer >= 1, found {max_docs!r}")
+
+
+def select_docs(items, src, cut: str, skip_docs: int = 0, max_docs: int | None = None):
+    """items[skip_docs : skip_docs + max_docs], the documents of one split out of a source's
+    document cut (so a train/valid split can come from one file). Skipping all of them is an
+    error that names the file, the documents found (`cut` says how they were found) and the
+    skip asked."""
+    check_doc_range(skip_docs, max_docs)
+    n = len(items)
+    if skip_docs and skip_docs >= n:
+        raise DataError(f"{src}: --skip-docs {skip_docs} leaves no documents: found {n} document(s) ({cut}), "
+                        f"expected --skip-docs < {n}")
+    stop = None if max_docs is None else skip_docs + max_docs
+    return items[skip_docs:stop]
+
+
+def _range_params(skip_docs: int, max_docs: int | None) -> dict:
+    """The document range's part of a prepare key. skip_docs enters only when set, so the
+    keys (and with them the shard bytes and dataset ids) of prepares made before the option
+    existed stay the same."""
+    return {"max_docs": max_docs, **({"skip_docs": skip_docs} if skip_docs else {})}
 
 
 # ------------------------------------------------------------ writing a split
@@ -235,28 +269,72 @@ def _token_tables(doc_ids: list[str], token_docs: list, vocab_size: int, rows_pe
         yield pa.Table.from_arrays([pa.array(doc_ids[start:start + rows_per_shard], pa.string()), tokens], schema=schema), facts
 
 
+BPE_TRAINED_ON = "tokenizer.trained_on.json"  # next to tokenizer.json: which train documents made it
+
+
+def _documents_sha256(documents: list[str]) -> str:
+    h = hashlib.sha256()
+    for d in documents:
+        b = d.encode("utf-8")
+        h.update(len(b).to_bytes(8, "little"))
+        h.update(b)
+    return h.hexdigest()
+
+
+def _write_json_atomic(path: Path, obj: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def _check_bpe_trained_on(bpe_path: Path, now: dict) -> None:
+    """Re-preparing train must not reuse a BPE trained on other documents (e.g. after a change
+    of --skip-docs/--max-docs, which could put its training text into valid). A tokenizer.json
+    without the record (made before it existed, or supplied by hand) is reused as it is."""
+    rec = bpe_path.with_name(BPE_TRAINED_ON)
+    if not rec.exists():
+        return
+    was = json.loads(rec.read_text())
+    if was.get("documents_sha256") != now["documents_sha256"]:
+        def show(d):
+            return ", ".join(f"{k}={d.get(k, 0 if k == 'skip_docs' else None)}"
+                             for k in ("source", "docs", "skip_docs", "max_docs", "n_documents"))
+
+        raise DataError(
+            f"{bpe_path}: trained on other train documents ({show(was)}), this train split has ({show(now)}); "
+            f"delete {bpe_path} to train the BPE on these"
+        )
+
+
 def text_to_token_shards(
     src: str | Path, out_dir: str | Path, *, split: str, tokenizer: str = "byte",
     vocab_size: int | None = None, docs: str = "paragraph", max_docs: int | None = None,
-    rows_per_shard: int = 10_000, force: bool = False,
+    skip_docs: int = 0, rows_per_shard: int = 10_000, force: bool = False,
 ) -> list[Path]:
-    """Tokenise a UTF-8 text file into token shards under `<out_dir>/<split>/`.
+    """Tokenise a UTF-8 text file into token shards under `<out_dir>/<split>/`: the documents
+    `[skip_docs : skip_docs + max_docs]` of the `docs` cut.
 
-    `tokenizer="bpe"` trains a BPE of `vocab_size` on this text unless `<out_dir>/tokenizer.json`
-    exists (then it is reused, so valid is encoded with the tokenizer train was)."""
+    `tokenizer="bpe"`: the BPE is trained (vocab `vocab_size`) on the train split's documents
+    when `<out_dir>/tokenizer.json` does not exist yet, and reused for every later split, so
+    valid is encoded with the tokenizer train was and never trained on. Preparing another
+    split first is refused, and so is re-preparing train on other documents than the ones
+    the existing tokenizer.json was trained on (recorded in tokenizer.trained_on.json)."""
     from archlab.platform.tokenizers import BPE_FILE, BPETokenizer, ByteTokenizer, train_bpe
 
     src, out = Path(src), Path(out_dir)
+    check_doc_range(skip_docs, max_docs)
     if not src.exists():
         raise DataError(f"{src}: no such text file")
     text = src.read_text(encoding="utf-8")
-    documents = split_documents(text, docs)[:max_docs]
+    documents = select_docs(split_documents(text, docs), src, f"--docs {docs}", skip_docs, max_docs)
     if tokenizer == "byte":
         if vocab_size not in (None, 256):
             raise DataError(f"--vocab-size for the byte tokenizer: expected 256, found {vocab_size}")
         tok = ByteTokenizer()
     elif tokenizer == "bpe":
         bpe_path = out / BPE_FILE
+        trained_on = {"source": src.name, "docs": docs, **_range_params(skip_docs, max_docs),
+                      "n_documents": len(documents), "documents_sha256": _documents_sha256(documents)}
         if bpe_path.exists():
             tok = BPETokenizer(bpe_path)
             if vocab_size is not None and tok.vocab_size != vocab_size:
@@ -264,17 +342,26 @@ def text_to_token_shards(
                     f"{bpe_path}: existing BPE has vocab {tok.vocab_size}, --vocab-size asks {vocab_size}; "
                     "delete it to retrain"
                 )
+            if split == "train":
+                _check_bpe_trained_on(bpe_path, trained_on)
+        elif split != "train":
+            raise DataError(
+                f"{bpe_path}: not found; the BPE is trained on the train split and reused for the others, "
+                f"so prepare --split train first (preparing {split!r} first would train it on held-out text)"
+            )
         else:
             tok = train_bpe(documents, vocab_size or 4096, bpe_path)
+            _write_json_atomic(bpe_path.with_name(BPE_TRAINED_ON), trained_on)
     else:
         raise DataError(f"--tokenizer: expected byte|bpe, found {tokenizer!r}")
     extra_key = file_sha256(tok.path) if tokenizer == "bpe" else "byte"
-    key = _prepare_key(src, {"kind": "token", "tokenizer": extra_key, "docs": docs, "max_docs": max_docs, "rows": rows_per_shard})
+    key = _prepare_key(src, {"kind": "token", "tokenizer": extra_key, "docs": docs,
+                             **_range_params(skip_docs, max_docs), "rows": rows_per_shard})
     if not force and (done := _up_to_date(out, split, key)):
         return done
     token_docs = tok.encode_batch(documents)
     keep = [i for i, t in enumerate(token_docs) if len(t)]
-    doc_ids = [f"{src.stem}:{i}" for i in keep]
+    doc_ids = [f"{src.stem}:{skip_docs + i}" for i in keep]  # the document's index in the whole cut
     meta = ShardMeta(
         kind="token", vocab_size=tok.vocab_size, tokenizer=tok.spec,
         extra={"source": src.name, "docs": docs, "sep_id": tok.sep_id, "prepare_key": key},
@@ -287,9 +374,10 @@ def text_to_token_shards(
 def parquet_to_token_shards(
     src: str | Path, out_dir: str | Path, *, split: str, tokens_col: str, id_col: str | None = None,
     length_col: str | None = None, docs: str = "row", vocab_size: int = 256, tokenizer: str = "byte",
-    max_docs: int | None = None, rows_per_shard: int = 10_000, force: bool = False,
+    max_docs: int | None = None, skip_docs: int = 0, rows_per_shard: int = 10_000, force: bool = False,
 ) -> list[Path]:
-    """Convert a foreign Parquet of token ids into canonical token shards.
+    """Convert a foreign Parquet of token ids into canonical token shards (the documents
+    `[skip_docs : skip_docs + max_docs]`).
 
     `tokens_col`: list or fixed-size list of integer ids; `length_col`: valid ids per row
     (the rest is padding and dropped). With `docs="row"` each row is a document; with
@@ -302,6 +390,7 @@ def parquet_to_token_shards(
     import pyarrow.parquet as pq
 
     src, out = Path(src), Path(out_dir)
+    check_doc_range(skip_docs, max_docs)
     if not src.exists():
         raise DataError(f"{src}: no such file")
     schema = pq.read_schema(src)
@@ -312,7 +401,8 @@ def parquet_to_token_shards(
     if not ((pa.types.is_list(ttype) or pa.types.is_fixed_size_list(ttype)) and pa.types.is_integer(ttype.value_type)):
         raise DataError(f"{src}: column {tokens_col!r} expected list<int> or fixed_size_list<int>, found {ttype}")
     key = _prepare_key(src, {"kind": "token", "cols": [tokens_col, id_col, length_col], "docs": docs,
-                             "vocab": vocab_size, "tokenizer": tokenizer, "max_docs": max_docs, "rows": rows_per_shard})
+                             "vocab": vocab_size, "tokenizer": tokenizer, **_range_params(skip_docs, max_docs),
+                             "rows": rows_per_shard})
     if not force and (done := _up_to_date(out, split, key)):
         return done
     table = pq.read_table(src, columns=[c for c in (id_col, tokens_col, length_col) if c])
@@ -335,14 +425,16 @@ def parquet_to_token_shards(
             raise DataError(f"--docs {docs}: cutting a stream at a text pattern needs byte tokens (vocab 256), found vocab {vocab_size}")
         if len(flat) and (flat.min() < 0 or flat.max() > 255):
             raise DataError(f"{src}: column {tokens_col!r}: --docs {docs} expected byte values 0..255, found {flat.min()}..{flat.max()}")
-        pieces = _cut_at(flat.astype(np.uint8).tobytes(), pattern)[:max_docs]
+        pieces = select_docs(_cut_at(flat.astype(np.uint8).tobytes(), pattern), src, f"--docs {docs}",
+                             skip_docs, max_docs)
         token_docs = [np.frombuffer(p, dtype=np.uint8) for p in pieces]
-        doc_ids = [f"{src.stem}:{i}" for i in range(len(token_docs))]
+        doc_ids = [f"{src.stem}:{skip_docs + i}" for i in range(len(token_docs))]
     elif docs == "row":
-        n = len(lengths) if max_docs is None else min(max_docs, len(lengths))
-        bounds = np.concatenate([[0], np.cumsum(lengths[:n])])
+        rows = select_docs(range(len(lengths)), src, "--docs row: one per row", skip_docs, max_docs)
+        a0, n = rows.start, len(rows)
+        bounds = np.cumsum(np.concatenate([[0], lengths]))[a0:a0 + n + 1]
         token_docs = [flat[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
-        ids = table.column(id_col).slice(0, n).cast(pa.string()).to_pylist() if id_col else range(n)
+        ids = table.column(id_col).slice(a0, n).cast(pa.string()).to_pylist() if id_col else rows
         doc_ids = [str(i) for i in ids]
     else:
         raise DataError(f"--docs for Parquet tokens: expected row|wikitext|regex:<pattern>, found {docs!r}")
@@ -367,17 +459,20 @@ def parquet_to_vector_shards(
     vectors_col: str,
     texts_col: str | None = None,
     max_docs: int | None = None,
+    skip_docs: int = 0,
     rows_per_shard: int = 10_000,
     embedder: str | None = None,
     force: bool = False,
 ) -> list[Path]:
     """Convert a foreign Parquet file (one row per document, a list-of-vectors column)
-    into canonical vector shards under `<out_dir>/<split>/`. Returns the shard paths."""
+    into canonical vector shards under `<out_dir>/<split>/`, rows `[skip_docs : skip_docs +
+    max_docs]`. Returns the shard paths."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     src = Path(src)
+    check_doc_range(skip_docs, max_docs)
     if not src.exists():
         raise DataError(f"{src}: no such file")
     schema = pq.read_schema(src)
@@ -391,13 +486,13 @@ def parquet_to_vector_shards(
         )
     dim = vtype.value_type.list_size
     key = _prepare_key(src, {"kind": "vector", "cols": [id_col, vectors_col, texts_col],
-                             "max_docs": max_docs, "rows": rows_per_shard, "embedder": embedder})
+                             **_range_params(skip_docs, max_docs), "rows": rows_per_shard, "embedder": embedder})
     if not force and (done := _up_to_date(Path(out_dir), split, key)):
         return done
     cols = [id_col, vectors_col] + ([texts_col] if texts_col else [])
     table = pq.read_table(src, columns=cols)
-    if max_docs is not None:
-        table = table.slice(0, max_docs)
+    rows = select_docs(range(table.num_rows), src, "one per row", skip_docs, max_docs)
+    table = table.slice(rows.start, len(rows))
     flat = table.column(vectors_col).combine_chunks().flatten().flatten().to_numpy(zero_copy_only=False)
     norms = np.linalg.norm(flat.reshape(-1, dim), axis=1)
     # NaN norms (bad rows, reported by validation) must not decide the dataset's flag.
@@ -461,10 +556,11 @@ class _Embedder:
 
 def text_to_vector_shards(
     src: str | Path, out_dir: str | Path, *, split: str, model: str, batch_size: int = 64,
-    num_actors: int = 1, docs: str = "paragraph", max_docs: int | None = None,
+    num_actors: int = 1, docs: str = "paragraph", max_docs: int | None = None, skip_docs: int = 0,
     rows_per_shard: int = 10_000, device: str = "cpu", force: bool = False,
 ) -> list[Path]:
-    """Embed a text file's sentence chunks into vector shards (one row per document).
+    """Embed a text file's sentence chunks into vector shards (one row per document; the
+    documents `[skip_docs : skip_docs + max_docs]` of the `docs` cut).
 
     Chunks go through `ray.data.from_items(...).map_batches(_Embedder, compute=
     ActorPoolStrategy(size=num_actors), batch_size=batch_size)`; Ray Data does not keep
@@ -475,13 +571,16 @@ def text_to_vector_shards(
     import ray
 
     src, out = Path(src), Path(out_dir)
+    check_doc_range(skip_docs, max_docs)
     if not src.exists():
         raise DataError(f"{src}: no such text file")
     load_from, record_as = resolve_model(model)
-    key = _prepare_key(src, {"kind": "vector", "model": record_as, "docs": docs, "max_docs": max_docs, "rows": rows_per_shard})
+    key = _prepare_key(src, {"kind": "vector", "model": record_as, "docs": docs,
+                             **_range_params(skip_docs, max_docs), "rows": rows_per_shard})
     if not force and (done := _up_to_date(out, split, key)):
         return done
-    documents = split_documents(src.read_text(encoding="utf-8"), docs)[:max_docs]
+    documents = select_docs(split_documents(src.read_text(encoding="utf-8"), docs), src, f"--docs {docs}",
+                            skip_docs, max_docs)
     chunks = [split_sentences(d) for d in documents]
     keep = [i for i, c in enumerate(chunks) if c]  # a document with no sentence has no row
     items = [{"doc": k, "pos": j, "text": s} for k, i in enumerate(keep) for j, s in enumerate(chunks[i])]
@@ -517,7 +616,7 @@ def text_to_vector_shards(
             vec = pa.FixedSizeListArray.from_arrays(pa.array(emb[a:b].ravel()), dim)  # (n_chunks, dim)
             texts = pa.array([s for i in keep[start:stop] for s in chunks[i]], pa.string())
             yield pa.Table.from_arrays(
-                [pa.array([f"{src.stem}:{i}" for i in keep[start:stop]], pa.string()),
+                [pa.array([f"{src.stem}:{skip_docs + i}" for i in keep[start:stop]], pa.string()),
                  _list_array(vec, lengths[start:stop]), _list_array(texts, lengths[start:stop])],
                 schema=schema,
             ), {}
