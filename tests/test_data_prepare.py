@@ -310,3 +310,26 @@ def test_crash_mid_write_keeps_previous_split(tmp_path, shared_data, monkeypatch
     P.parquet_to_token_shards(_bytes_src(shared_data), tmp_path, **kw)
     assert not stale.exists()
     assert validate_dataset(tmp_path, split="valid", kind="token").rows_total == 60
+
+
+def test_dataset_id_depends_on_content_not_path_or_mtime(tmp_path, valid_txt):
+    """The same bytes prepared the same way give the same dataset id from another path and
+    with another modification time (the key in every shard hashes content, not identity);
+    a changed byte gives another id."""
+    import os
+    import shutil
+
+    from archlab.platform.shards import dataset_id
+
+    copy = tmp_path / "elsewhere" / "valid.txt"
+    copy.parent.mkdir()
+    shutil.copyfile(valid_txt, copy)
+    os.utime(copy, ns=(1_000_000_000, 1_000_000_000))
+    P.text_to_token_shards(valid_txt, tmp_path / "a", split="train", docs="wikitext", max_docs=2)
+    P.text_to_token_shards(copy, tmp_path / "b", split="train", docs="wikitext", max_docs=2)
+    ida, idb = dataset_id(load_manifest(tmp_path / "a")), dataset_id(load_manifest(tmp_path / "b"))
+    assert ida == idb
+    text = copy.read_bytes()
+    copy.write_bytes(text[:100] + (b"X" if text[100:101] != b"X" else b"Y") + text[101:])
+    P.text_to_token_shards(copy, tmp_path / "b", split="train", docs="wikitext", max_docs=2)
+    assert dataset_id(load_manifest(tmp_path / "b")) != ida

@@ -12,7 +12,7 @@ Every source writes one split through `_SplitWriter`: shards go to a staging fol
 `<out>/.staging/<split>-*` (never globbed as a split), and only a complete split is
 swapped into `<out>/<split>` before the manifest is rebuilt. A crash mid-write therefore
 leaves the previous split (or nothing) in place, never a half split that validates. Each
-shard records a `prepare_key` (hash of the source file's identity and the parameters), so
+shard records a `prepare_key` (hash of the source file's bytes and the parameters), so
 re-running the same prepare finds the split up to date and returns without work
 (`force=True` rebuilds).
 
@@ -142,8 +142,10 @@ def _range_params(skip_docs: int, max_docs: int | None) -> dict:
 
 # ------------------------------------------------------------ writing a split
 def _prepare_key(src: Path, params: dict) -> str:
-    st = src.stat()
-    ident = {"src": str(src.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns, **params}
+    """Hash of the source's bytes and the parameters. Content, not path or mtime: the key is
+    written into every shard, so it is part of the dataset id, and the same bytes prepared
+    the same way must give the same id wherever and whenever the source file was copied."""
+    ident = {"src_sha256": file_sha256(src), **params}
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
