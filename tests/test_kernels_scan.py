@@ -200,16 +200,22 @@ def test_cpu_bf16_and_fp64():
 def test_cpu_threads_split_channels_exactly():
     """Every (batch row, channel block) is one thread's whole column: the result must not
     depend on the thread count, bit for bit, forward and backward."""
-    a, b, h0 = make_inputs(3, 200, 301)  # 180,600 elements: above the one-thread cut-off
+    from archlab.kernels.scan import cpu_scan
+
+    a, b, h0 = make_inputs(3, 200, 301)
     outs = {}
     old = torch.get_num_threads()
     try:
+        # let these 180,600 elements use every thread asked for (the real cut-off is 2^20 per thread)
+        cpu_scan._PER_THREAD_MIN = 1
         for n in (1, 2, 5):
             torch.set_num_threads(n)
             h, _ = linear_scan(a, b, h0, kernel="cpu")
             outs[n] = (h.detach(), *torch.autograd.grad(h.pow(2).sum(), (a, b, h0)))
     finally:
         torch.set_num_threads(old)
+        cpu_scan._PER_THREAD_MIN = 1 << 20
+    assert cpu_scan._threads(10_000) == 1
     for n in (2, 5):
         for x, y in zip(outs[1], outs[n]):
             assert torch.equal(x, y), f"threads={n} differs from threads=1"

@@ -8,13 +8,16 @@ shared library in about a second, cached by content hash under `$ARCHLAB_KERNEL_
 (default `~/.cache/archlab/kernels`). The library is written to a temporary name and
 renamed into place, so Ray workers building at once never load a half-written file.
 
-Threads: torch.get_num_threads() at call time (the ctypes call releases the GIL), one
-worker per (batch row, channel block); tiny problems run on the calling thread.
+Threads: up to torch.get_num_threads() at call time (the ctypes call releases the GIL),
+one per 2^20 elements at most (smaller problems run on the calling thread: a thread's
+start-up and torch's still-spinning OpenMP workers cost more than they save), each taking
+whole (batch row, channel block) columns.
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import shutil
@@ -27,8 +30,12 @@ import torch
 
 SOURCE = Path(__file__).with_name("cpu_scan.c")
 FLAGS = ("-O3", "-shared", "-fPIC", "-std=c99", "-pthread")
-# below this many elements a second thread costs more than it saves
-_PARALLEL_MIN = 1 << 16
+# Elements each thread must have before the call uses another one. Starting a thread costs
+# ~70 us here, and torch's OpenMP workers may still be spinning on the other cores after
+# its last parallel op: at B1-T1024-D512 (524,288 elements) 2 threads took 0.21 ms against
+# 0.11 ms for one, and inside the interleaved benchmark 2-4x longer. From B4 up two threads
+# won (0.68 vs 1.17 ms at 2M elements). So: at most one thread per 2^20 elements.
+_PER_THREAD_MIN = 1 << 20
 _DTYPES = {torch.float32: 0, torch.float64: 1}
 
 
@@ -38,10 +45,16 @@ class BuildError(RuntimeError):
 
 def find_compiler() -> str | None:
     """The C compiler the path would use, or None: $CC if set, else cc, gcc, clang on PATH."""
-    if os.environ.get("CC"):
-        return shutil.which(os.environ["CC"].split()[0])
+    # every auto dispatch asks this; searching PATH costs ~30 us, so remember per (CC, PATH)
+    return _find_compiler(os.environ.get("CC"), os.environ.get("PATH"))
+
+
+@functools.lru_cache(maxsize=8)
+def _find_compiler(cc: str | None, path: str | None) -> str | None:
+    if cc:
+        return shutil.which(cc.split()[0], path=path)
     for name in ("cc", "gcc", "clang"):
-        found = shutil.which(name)
+        found = shutil.which(name, path=path)
         if found:
             return found
     return None
@@ -102,7 +115,7 @@ def _ptr(t: torch.Tensor | None):
 
 
 def _threads(numel: int) -> int:
-    return torch.get_num_threads() if numel >= _PARALLEL_MIN else 1
+    return max(1, min(torch.get_num_threads(), numel // _PER_THREAD_MIN))
 
 
 def scan_fwd(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None) -> torch.Tensor:
