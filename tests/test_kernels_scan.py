@@ -206,7 +206,7 @@ def test_cpu_threads_split_channels_exactly():
     outs = {}
     old = torch.get_num_threads()
     try:
-        # let these 180,600 elements use every thread asked for (the real cut-off is 2^20 per thread)
+        # let these 180,600 elements use every thread asked for (the real cut-off is 2^23 per thread)
         cpu_scan._PER_THREAD_MIN = 1
         for n in (1, 2, 5):
             torch.set_num_threads(n)
@@ -214,7 +214,7 @@ def test_cpu_threads_split_channels_exactly():
             outs[n] = (h.detach(), *torch.autograd.grad(h.pow(2).sum(), (a, b, h0)))
     finally:
         torch.set_num_threads(old)
-        cpu_scan._PER_THREAD_MIN = 1 << 20
+        cpu_scan._PER_THREAD_MIN = 1 << 23
     assert cpu_scan._threads(10_000) == 1
     for n in (2, 5):
         for x, y in zip(outs[1], outs[n]):

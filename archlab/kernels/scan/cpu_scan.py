@@ -9,7 +9,7 @@ shared library in about a second, cached by content hash under `$ARCHLAB_KERNEL_
 renamed into place, so Ray workers building at once never load a half-written file.
 
 Threads: up to torch.get_num_threads() at call time (the ctypes call releases the GIL),
-one per 2^20 elements at most (smaller problems run on the calling thread: a thread's
+one per 2^23 elements at most (smaller problems run on the calling thread: a thread's
 start-up and torch's still-spinning OpenMP workers cost more than they save), each taking
 whole (batch row, channel block) columns.
 """
@@ -30,12 +30,13 @@ import torch
 
 SOURCE = Path(__file__).with_name("cpu_scan.c")
 FLAGS = ("-O3", "-shared", "-fPIC", "-std=c99", "-pthread")
-# Elements each thread must have before the call uses another one. Starting a thread costs
-# ~70 us here, and torch's OpenMP workers may still be spinning on the other cores after
-# its last parallel op: at B1-T1024-D512 (524,288 elements) 2 threads took 0.21 ms against
-# 0.11 ms for one, and inside the interleaved benchmark 2-4x longer. From B4 up two threads
-# won (0.68 vs 1.17 ms at 2M elements). So: at most one thread per 2^20 elements.
-_PER_THREAD_MIN = 1 << 20
+# Elements each thread must have before the call uses another one. Threads here are started
+# per call (~70 us) and, worse, compete with torch's OpenMP workers, which keep spinning on
+# the other cores for milliseconds after torch's last parallel op. Measured on this 2-core
+# machine with torch at 2 threads and a matmul just before each call: [B, 1024, 512] took
+# 5.6 ms with 2 threads vs 1.7 ms with 1 at B=4, 9.5 vs 2.9 ms at B=8, and only at B=32
+# (16M elements) did 2 threads win (30 vs 42 ms). So: one thread per 2^23 elements at most.
+_PER_THREAD_MIN = 1 << 23
 _DTYPES = {torch.float32: 0, torch.float64: 1}
 
 
