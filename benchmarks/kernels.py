@@ -4,9 +4,15 @@
     python benchmarks/kernels.py --smoke         # seconds: tiny sizes, checks the script runs
 
 For every op and T it times the reference and the fast path in the same process,
-interleaved (the machine is shared and noisy), forward only and forward + backward, and
-prints the median times and their ratio as a Markdown table. Timings are CPU wall time
-with torch.set_num_threads(--threads). Nothing here asserts a speed.
+interleaved (the machine is shared and noisy), forward only (under no_grad) and forward +
+backward (y.backward(dy) with a fixed random upstream gradient of the op's main output:
+the op alone, no loss reduction, no accumulation into existing .grad), and prints the
+median times and their ratio as a Markdown table. Timings are CPU wall time with
+torch.set_num_threads(--threads). Nothing here asserts a speed.
+
+Scan paths: reference (sequential loop), torch (blocked two-level PyTorch scan), cpu (the
+fused C scan, when a C compiler is present), and one_pass, which is not a scan but the
+memory floor: one elementwise pass over the same tensors.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import time
 
 import torch
 
+from archlab.kernels import available_paths
 from archlab.kernels.retention import retention, retention_ref
 from archlab.kernels.scan import linear_scan
 from archlab.kernels.ssd import ssd, ssd_recurrent_ref
@@ -39,7 +46,8 @@ def scan_case(B, T, D, gen):
 
     return {"reference": lambda: linear_scan(a, b, h0, kernel="reference"),
             "torch": lambda: linear_scan(a, b, h0, kernel="torch"),
-            "one_pass": one_pass}, f"B{B}-T{T}-D{D}"
+            **({"cpu": lambda: linear_scan(a, b, h0, kernel="cpu")} if "cpu" in available_paths("scan", "cpu") else {}),
+            "one_pass": one_pass}, f"B{B}-T{T}-D{D}", [a, b, h0]
 
 
 def ssd_case(B, T, H, P, N, gen, chunk):
@@ -51,7 +59,7 @@ def ssd_case(B, T, H, P, N, gen, chunk):
     return {"recurrent": lambda: ssd_recurrent_ref(x, dt, A, Bm, Cm),
             "reference": lambda: ssd(x, dt, A, Bm, Cm, chunk_size=chunk, kernel="reference"),
             "torch": lambda: ssd(x, dt, A, Bm, Cm, chunk_size=chunk, kernel="torch")}, \
-        f"B{B}-T{T}-H{H}-P{P}-N{N}-C{chunk}"
+        f"B{B}-T{T}-H{H}-P{P}-N{N}-C{chunk}", [x, dt, A, Bm, Cm]
 
 
 def retention_case(B, H, T, K, V, gen, chunk):
@@ -62,28 +70,40 @@ def retention_case(B, H, T, K, V, gen, chunk):
     return {"reference": lambda: retention_ref(q, k, v, gamma),
             "parallel": lambda: retention(q, k, v, gamma, mode="parallel", kernel="torch"),
             "torch": lambda: retention(q, k, v, gamma, mode="chunkwise", chunk_size=chunk, kernel="torch")}, \
-        f"B{B}-H{H}-T{T}-K{K}-V{V}-C{chunk}"
+        f"B{B}-H{H}-T{T}-K{K}-V{V}-C{chunk}", [q, k, v, gamma]
 
 
-def timed(fn, backward: bool) -> float:
-    t0 = time.perf_counter()
-    if backward:
-        out = fn()
-        sum(o.float().sum() for o in out).backward()
+def timed(fn, dy: torch.Tensor | None, leaves) -> float:
+    """Seconds for fn's forward (dy None: under no_grad), or its forward + backward given
+    the upstream gradient dy of its main output: y.backward(dy), the op alone, with no loss
+    reduction and no accumulation into existing .grad (reset before the clock starts)."""
+    if dy is not None:
+        for x in leaves:
+            x.grad = None
+        t0 = time.perf_counter()
+        fn()[0].backward(dy)
     else:
+        t0 = time.perf_counter()
         with torch.no_grad():
             fn()
     return time.perf_counter() - t0
 
 
-def measure(paths: dict, repeats: int, backward: bool) -> dict[str, float]:
-    """Median seconds per path; one warm-up each, then the paths take turns."""
-    for fn in paths.values():
-        timed(fn, backward)
+def measure(paths: dict, repeats: int, backward: bool, leaves) -> dict[str, float]:
+    """Median seconds per path; one warm-up each (which also fixes a random upstream
+    gradient per path, outside the clock), then the paths take turns."""
+    dys = {}
+    for name, fn in paths.items():
+        if backward:
+            y = fn()[0]
+            dys[name] = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y.dtype)
+        else:
+            dys[name] = None
+        timed(fn, dys[name], leaves)
     times = {name: [] for name in paths}
     for _ in range(repeats):
         for name, fn in paths.items():
-            times[name].append(timed(fn, backward))
+            times[name].append(timed(fn, dys[name], leaves))
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
@@ -109,19 +129,19 @@ def main() -> None:
     for op in args.ops.split(","):
         for T in Ts:
             if op == "scan":
-                paths, size = scan_case(B, T, 16 if args.smoke else 512, gen)
-                pairs = [("reference", "torch"), ("reference", "one_pass")]
+                paths, size, leaves = scan_case(B, T, 16 if args.smoke else 512, gen)
+                pairs = [("reference", "torch"), ("reference", "cpu"), ("reference", "one_pass")]
             elif op == "ssd":
-                paths, size = ssd_case(B, T, *((2, 4, 4) if args.smoke else (4, 64, 64)), gen, chunk=64)
+                paths, size, leaves = ssd_case(B, T, *((2, 4, 4) if args.smoke else (4, 64, 64)), gen, chunk=64)
                 pairs = [("recurrent", "torch"), ("reference", "torch")]
             elif op == "retention":
-                paths, size = retention_case(B, *((2, T, 4, 4) if args.smoke else (4, T, 64, 64)), gen, chunk=64)
+                paths, size, leaves = retention_case(B, *((2, T, 4, 4) if args.smoke else (4, T, 64, 64)), gen, chunk=64)
                 pairs = [("reference", "torch"), ("reference", "parallel")]
             else:
                 raise SystemExit(f"--ops: unknown op {op!r}; expected scan, ssd, retention")
             for backward in (False, True):
                 live = {k: v for k, v in paths.items() if not (backward and k == "one_pass")}
-                med = measure(live, repeats, backward)
+                med = measure(live, repeats, backward, leaves)
                 for ref, fast in pairs:
                     if fast not in med:
                         continue
