@@ -305,3 +305,27 @@ def test_cpu_build_is_cached_and_atomic(fresh_cpu_build):
     cpu_scan.load_library()
     assert sorted(p.name for p in (fresh_cpu_build / "cache").iterdir()) == built
     assert (fresh_cpu_build / "cache" / built[0]).stat().st_mtime_ns == mtime
+
+
+@needs_cc
+def test_cpu_build_falls_back_to_temp_when_cache_is_read_only(fresh_cpu_build, monkeypatch):
+    """A cache folder that cannot be written (read-only home): the library is built in the
+    user's temp folder instead, and the path still runs."""
+    import tempfile
+
+    from archlab.kernels.scan import cpu_scan
+
+    cache, tmp = fresh_cpu_build / "cache", fresh_cpu_build / "tmp"
+    tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    real_build = cpu_scan._build
+
+    def build(compiler, out):  # what mkdir/mkstemp raise in a folder the user cannot write
+        if cache in out.parents:
+            raise PermissionError(13, "Permission denied", str(out.parent))
+        return real_build(compiler, out)
+
+    monkeypatch.setattr(cpu_scan, "_build", build)
+    h, _ = linear_scan(torch.ones(1, 3, 2), torch.ones(1, 3, 2), kernel="cpu")
+    assert torch.equal(h[0, :, 0], torch.tensor([1.0, 2.0, 3.0]))
+    assert len(list(tmp.rglob("archlab_scan_*.so"))) == 1 and not cache.exists()

@@ -98,9 +98,15 @@ def load_library():
             raise BuildError("no C compiler found for the fused CPU scan (looked for $CC, cc, gcc, "
                              "clang on PATH); install one (e.g. `apt install gcc`) or use kernel='torch'")
         key = hashlib.sha256(SOURCE.read_bytes() + " ".join((compiler, *FLAGS)).encode()).hexdigest()[:16]
-        path = cache_dir() / f"archlab_scan_{key}.so"
+        name = f"archlab_scan_{key}.so"
+        path = cache_dir() / name
         if not path.exists():
-            _build(compiler, path)
+            try:
+                _build(compiler, path)
+            except PermissionError:  # a read-only home: build in this user's temp folder instead
+                path = Path(tempfile.gettempdir()) / f"archlab-kernels-{os.getuid()}" / name
+                if not path.exists():
+                    _build(compiler, path)
         lib = ctypes.CDLL(str(path))
         i64, vp = ctypes.c_int64, ctypes.c_void_p
         lib.archlab_scan_fwd.argtypes = [ctypes.c_int, vp, vp, vp, vp, i64, i64, i64, ctypes.c_int]
