@@ -4,8 +4,8 @@ One pass over memory forward (read a, b; write h) and one backward (read a, h, d
 da, db), against the ~5 passes and ~100 PyTorch calls of the blocked torch scan, which is
 why this is `auto`'s first choice on CPU when a C compiler is present. The C source has no
 Python or torch headers: the system compiler (`$CC`, else cc, gcc or clang) builds it into a
-shared library in about a second, cached by content hash under `$ARCHLAB_KERNEL_CACHE`
-(default `~/.cache/archlab/kernels`). The library is written to a temporary name and
+shared library in about a second, cached under `$ARCHLAB_KERNEL_CACHE` (default
+`~/.cache/archlab/kernels`) by a hash of the source, compiler, flags and machine type. The library is written to a temporary name and
 renamed into place, so Ray workers building at once never load a half-written file.
 
 Threads: up to torch.get_num_threads() at call time (the ctypes call releases the GIL),
@@ -20,6 +20,7 @@ import ctypes
 import functools
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -97,7 +98,9 @@ def load_library():
         if compiler is None:
             raise BuildError("no C compiler found for the fused CPU scan (looked for $CC, cc, gcc, "
                              "clang on PATH); install one (e.g. `apt install gcc`) or use kernel='torch'")
-        key = hashlib.sha256(SOURCE.read_bytes() + " ".join((compiler, *FLAGS)).encode()).hexdigest()[:16]
+        # machine in the key too: nodes of another architecture may share this home folder
+        ident = " ".join((compiler, *FLAGS, platform.machine(), platform.system()))
+        key = hashlib.sha256(SOURCE.read_bytes() + ident.encode()).hexdigest()[:16]
         name = f"archlab_scan_{key}.so"
         path = cache_dir() / name
         if not path.exists():
