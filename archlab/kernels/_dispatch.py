@@ -75,7 +75,7 @@ def _why_unavailable(op: str, path: str, device: torch.device | None) -> str | N
             return f"tensors are on {device.type!r}: the fused C scan takes CPU tensors"
         if _cpu_build_error is not None:
             return _cpu_build_error
-        from archlab.kernels.scan.cpu_scan import find_compiler  # stdlib-only import
+        from archlab.kernels.scan.cpu_scan import find_compiler  # builds nothing, imports no optional package
 
         if find_compiler() is None:
             return "no C compiler found (looked for $CC, cc, gcc, clang on PATH) to build the fused C scan"
@@ -138,7 +138,7 @@ def resolve_kernel(op: str, kernel: str, device: torch.device) -> str:
                 return path
         raise KernelUnavailableError(f"no path available for {op!r} on {device}")  # unreachable: torch
     why = _why_unavailable(op, kernel, device)
-    if why is None and kernel == "cpu" and op in OPS and "cpu" in OPS[op]:
+    if why is None and kernel == "cpu":  # why is None: the op has a cpu path
         why = _cpu_ready()
     if why is not None:
         raise KernelUnavailableError(f"{op}: kernel={kernel!r} is unavailable: {why}")

@@ -35,9 +35,8 @@ typedef struct {
         for (int64_t k = j->first; k < j->last; ++k) {                                      \
             int64_t bi = k / j->nsplit, d0 = (k % j->nsplit) * j->width;                    \
             int64_t d1 = d0 + j->width < j->D ? d0 + j->width : j->D;                       \
-            if (d0 >= d1) continue;                                                         \
+            if (d0 >= d1 || j->T == 0) continue;                                            \
             int64_t base = bi * j->T * j->D;                                                \
-            if (j->T == 0) continue;                                                        \
             {   /* t = 0 */                                                                 \
                 const T_ *a0 = A + base, *b0 = Bx + base;                                   \
                 T_ *h = H + base;                                                           \
@@ -120,8 +119,8 @@ static int run(void *(*fn)(void *), job_t proto, int threads) {
     if (nsplit < 1) nsplit = 1;
     int64_t width = (proto.D + nsplit - 1) / nsplit;
     if (width < 16) width = 16;
-    nsplit = width > 0 ? (proto.D + width - 1) / width : 1;
-    if (nsplit < 1) nsplit = 1;
+    nsplit = (proto.D + width - 1) / width;
+    if (nsplit < 1) nsplit = 1; /* D = 0 */
     proto.nsplit = nsplit;
     proto.width = width;
     int64_t total = proto.B * nsplit;

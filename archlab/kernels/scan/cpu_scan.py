@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from archlab.kernels.scan._io import compute_dtype, scan_in_compute_dtype
+
 SOURCE = Path(__file__).with_name("cpu_scan.c")
 FLAGS = ("-O3", "-shared", "-fPIC", "-std=c99", "-pthread")
 # Elements each thread must have before the call uses another one. Threads here are started
@@ -168,13 +170,6 @@ def linear_scan_cpu(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None = 
     for name, x in (("a", a), ("b", b), ("h0", h0)):
         if x is not None and x.device.type != "cpu":
             raise ValueError(f"kernel='cpu': {name} is on {x.device}; the fused CPU scan takes CPU tensors")
-    dtype = b.dtype
-    ct = torch.promote_types(b.dtype, torch.float32)
-    if ct not in _DTYPES:
+    if compute_dtype(b) not in _DTYPES:
         raise ValueError(f"kernel='cpu': b has dtype {b.dtype}; expected a float type (fp32 inside, fp64 kept)")
-    a32, b32 = a.to(ct).contiguous(), b.to(ct).contiguous()
-    h032 = None if h0 is None else h0.to(ct).contiguous()
-    h = _CpuScan.apply(a32, b32, h032)
-    t = b.shape[1]
-    h_T = h[:, -1] if t > 0 else (b32.new_zeros(b.shape[0], b.shape[2]) if h0 is None else h032)
-    return h.to(dtype), h_T.to(dtype)
+    return scan_in_compute_dtype(_CpuScan.apply, a, b, h0)

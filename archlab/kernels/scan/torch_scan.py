@@ -23,6 +23,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from archlab.kernels.scan._io import scan_in_compute_dtype
+
 
 def default_chunk(t: int) -> int:
     """About sqrt(T) (balances the 2L in-chunk steps against the T/L carry steps), in [8, 128]."""
@@ -106,14 +108,7 @@ class _LinearScan(torch.autograd.Function):
 def linear_scan_torch(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None = None,
                       chunk_size: int | None = None):
     """a, b [B, T, D], h0 [B, D] or None -> (h [B, T, D], h_T [B, D]); fp32 inside, b's dtype out."""
-    dtype = b.dtype
-    t = b.shape[1]
-    chunk = chunk_size or default_chunk(t)
+    chunk = chunk_size or default_chunk(b.shape[1])
     if chunk < 1:
         raise ValueError(f"chunk_size must be >= 1; found {chunk}")
-    ct = torch.promote_types(b.dtype, torch.float32)  # at least fp32; fp64 stays fp64
-    a32, b32 = a.to(ct).contiguous(), b.to(ct).contiguous()
-    h032 = None if h0 is None else h0.to(ct).contiguous()
-    h = _LinearScan.apply(a32, b32, h032, chunk)
-    h_T = h[:, -1] if t > 0 else (b32.new_zeros(b.shape[0], b.shape[2]) if h0 is None else h032)
-    return h.to(dtype), h_T.to(dtype)
+    return scan_in_compute_dtype(lambda a_, b_, h0_: _LinearScan.apply(a_, b_, h0_, chunk), a, b, h0)
