@@ -103,7 +103,7 @@ def test_skip_docs_holds_out_documents_of_one_text_file(tmp_path, valid_txt):
     moved = P.text_to_token_shards(valid_txt, out, split="valid", docs="wikitext", skip_docs=3, max_docs=1)
     assert _doc_ids(moved) == ["valid:3"]
     assert read_shard_meta(moved[0]).extra["prepare_key"] != read_shard_meta(train[0]).extra["prepare_key"]
-    # skip 0 leaves the key as it was before the option existed (dataset ids stay the same)
+    # skip 0 adds no field to the key
     assert P._range_params(0, 2) == {"max_docs": 2}
 
 

@@ -134,9 +134,10 @@ def select_docs(items, src, cut: str, skip_docs: int = 0, max_docs: int | None =
 
 
 def _range_params(skip_docs: int, max_docs: int | None) -> dict:
-    """The document range's part of a prepare key. skip_docs enters only when set, so the
-    keys (and with them the shard bytes and dataset ids) of prepares made before the option
-    existed stay the same."""
+    """The document range's part of a prepare key; skip_docs enters only when set. (That was
+    to keep the keys, and so the dataset ids, of prepares made before the option existed;
+    since the key hashes the source's bytes instead of its path and mtime, those keys have
+    changed anyway, and the rule only keeps a skip-0 key without the field.)"""
     return {"max_docs": max_docs, **({"skip_docs": skip_docs} if skip_docs else {})}
 
 
