@@ -253,7 +253,7 @@ def fresh_cpu_build(monkeypatch, tmp_path):
     from archlab.kernels import _dispatch
     from archlab.kernels.scan import cpu_scan
 
-    monkeypatch.setattr(cpu_scan, "_lib", None)
+    monkeypatch.setattr(cpu_scan, "_libs", {})
     monkeypatch.setattr(_dispatch, "_cpu_build_error", None)
     monkeypatch.setenv("ARCHLAB_KERNEL_CACHE", str(tmp_path / "cache"))
     return tmp_path
@@ -301,7 +301,7 @@ def test_cpu_build_is_cached_and_atomic(fresh_cpu_build):
     built = sorted(p.name for p in (fresh_cpu_build / "cache").iterdir())
     assert len(built) == 1 and built[0].startswith("archlab_scan_") and built[0].endswith(".so"), built
     mtime = (fresh_cpu_build / "cache" / built[0]).stat().st_mtime_ns
-    cpu_scan._lib = None
+    cpu_scan._libs.clear()
     cpu_scan.load_library()
     assert sorted(p.name for p in (fresh_cpu_build / "cache").iterdir()) == built
     assert (fresh_cpu_build / "cache" / built[0]).stat().st_mtime_ns == mtime
@@ -320,12 +320,40 @@ def test_cpu_build_falls_back_to_temp_when_cache_is_read_only(fresh_cpu_build, m
     monkeypatch.setattr(tempfile, "tempdir", str(tmp))
     real_build = cpu_scan._build
 
-    def build(compiler, out):  # what mkdir/mkstemp raise in a folder the user cannot write
+    def build(compiler, out, defines=()):  # what mkdir/mkstemp raise in a folder the user cannot write
         if cache in out.parents:
             raise PermissionError(13, "Permission denied", str(out.parent))
-        return real_build(compiler, out)
+        return real_build(compiler, out, defines)
 
     monkeypatch.setattr(cpu_scan, "_build", build)
     h, _ = linear_scan(torch.ones(1, 3, 2), torch.ones(1, 3, 2), kernel="cpu")
     assert torch.equal(h[0, :, 0], torch.tensor([1.0, 2.0, 3.0]))
     assert len(list(tmp.rglob("archlab_scan_*.so"))) == 1 and not cache.exists()
+
+
+@needs_cc
+def test_cpu_backward_walk_order_changes_no_bit():
+    """The backward walks channels high to low (a memory-order choice, see cpu_scan.c); the
+    earlier ascending walk, built as a variant for benchmarks/scan_walk.py, must give the
+    same gradients bit for bit, and the variant must be cached apart from the default."""
+    from archlab.kernels.scan import cpu_scan
+
+    a, b, h0 = (x.detach() for x in make_inputs(3, 61, 37))
+    h = cpu_scan.scan_fwd(a, b, h0)
+    dh = torch.randn(a.shape, generator=torch.Generator().manual_seed(5))
+    grads = {}
+    for defines in ((), ("ARCHLAB_SCAN_BWD_ASCENDING",)):
+        lib = cpu_scan.load_library(defines)
+        da, db, dh0 = torch.empty_like(a), torch.empty_like(a), torch.empty_like(h0)
+        p = [x.data_ptr() for x in (a, h, h0, dh, da, db, dh0)]
+        assert lib.archlab_scan_bwd(0, *p, *a.shape, 1) == 0
+        grads[defines] = (da, db, dh0)
+    assert cpu_scan.load_library(()) is not cpu_scan.load_library(("ARCHLAB_SCAN_BWD_ASCENDING",))
+    for x, y in zip(*grads.values()):
+        assert torch.equal(x, y)
+    # and both equal autograd through the reference loop
+    ar, br, h0r = (x.clone().requires_grad_() for x in (a, b, h0))
+    hr, _ = linear_scan_ref(ar, br, h0r)
+    ref = torch.autograd.grad(hr, (ar, br, h0r), dh)
+    for name, x, y in zip(("da", "db", "dh0"), grads[()], ref):
+        assert_close(name, x, y, 1e-6)

@@ -57,6 +57,17 @@ typedef struct {
         return NULL;                                                                        \
     }
 
+/* The backward walks time from the last row to the first. Inside a row it walks channels
+ * from high to low as well, so that the whole walk descends through memory: with channels
+ * ascending inside descending rows (ARCHLAB_SCAN_BWD_ASCENDING, kept so that
+ * benchmarks/scan_walk.py can time both), this CPU's hardware prefetchers did not follow the
+ * pattern and the same loads and stores took about 3x as long from a cold cache. */
+#ifdef ARCHLAB_SCAN_BWD_ASCENDING
+#define BWD_CHANNELS(d) for (int64_t d = d0; d < d1; ++d)
+#else
+#define BWD_CHANNELS(d) for (int64_t d = d1 - 1; d >= d0; --d)
+#endif
+
 /* Backward, one reverse pass: g_t = dh_t + a_{t+1} g_{t+1} (g_{T-1} = dh_{T-1});
  * db_t = g_t; da_t = g_t * h_{t-1} (h_{-1} = h0 or 0); dh0 = a_0 * g_0 when asked. */
 #define DEFINE_BWD(NAME, T_)                                                                 \
@@ -70,19 +81,20 @@ typedef struct {
             int64_t d1 = d0 + j->width < j->D ? d0 + j->width : j->D;                       \
             if (d0 >= d1 || j->T == 0) continue;                                            \
             int64_t base = bi * j->T * j->D, D = j->D;                                      \
+            /* channels high to low as well (BWD_CHANNELS, above) */                        \
             for (int64_t t = j->T - 1; t >= 0; --t) {                                       \
                 int64_t o = base + t * D;                                                   \
                 const T_ *gt = G + o;                                                       \
                 T_ *dbt = DB + o, *dat = DA + o;                                            \
                 if (t == j->T - 1) { /* nothing after the last step */                      \
-                    for (int64_t d = d0; d < d1; ++d) dbt[d] = gt[d];                       \
+                    BWD_CHANNELS(d) dbt[d] = gt[d];                                          \
                 } else {                                                                    \
                     const T_ *an = A + o + D, *dbn = DB + o + D;                            \
-                    for (int64_t d = d0; d < d1; ++d) dbt[d] = gt[d] + an[d] * dbn[d];      \
+                    BWD_CHANNELS(d) dbt[d] = gt[d] + an[d] * dbn[d];                         \
                 }                                                                           \
                 if (t >= 1) {                                                               \
                     const T_ *hp = H + o - D;                                               \
-                    for (int64_t d = d0; d < d1; ++d) dat[d] = dbt[d] * hp[d];              \
+                    BWD_CHANNELS(d) dat[d] = dbt[d] * hp[d];                                 \
                 }                                                                           \
             }                                                                               \
             {   /* t = 0 */                                                                 \

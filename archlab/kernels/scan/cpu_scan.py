@@ -68,15 +68,15 @@ def cache_dir() -> Path:
     return Path(os.environ.get("ARCHLAB_KERNEL_CACHE") or Path.home() / ".cache" / "archlab" / "kernels")
 
 
-_lib = None
+_libs: dict[tuple[str, ...], ctypes.CDLL] = {}
 _lock = threading.Lock()
 
 
-def _build(compiler: str, out: Path) -> None:
+def _build(compiler: str, out: Path, defines: tuple[str, ...] = ()) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=out.stem + ".", suffix=".tmp.so", dir=out.parent)
     os.close(fd)
-    cmd = [compiler, *FLAGS, "-o", tmp, str(SOURCE)]
+    cmd = [compiler, *FLAGS, *(f"-D{d}" for d in defines), "-o", tmp, str(SOURCE)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         if proc.returncode != 0:
@@ -88,37 +88,42 @@ def _build(compiler: str, out: Path) -> None:
             os.unlink(tmp)
 
 
-def load_library():
-    """The compiled kernels (built on first call, then cached on disk and in memory)."""
-    global _lib
-    if _lib is not None:
-        return _lib
+def load_library(defines: tuple[str, ...] = ()):
+    """The compiled kernels (built on first call, then cached on disk and in memory).
+
+    defines: C macros for a variant build (benchmarks/scan_walk.py builds the earlier
+    backward walk with ARCHLAB_SCAN_BWD_ASCENDING); the ops themselves use the default.
+    """
+    defines = tuple(defines)
+    lib = _libs.get(defines)
+    if lib is not None:
+        return lib
     with _lock:
-        if _lib is not None:
-            return _lib
+        if defines in _libs:
+            return _libs[defines]
         compiler = find_compiler()
         if compiler is None:
             raise BuildError("no C compiler found for the fused CPU scan (looked for $CC, cc, gcc, "
                              "clang on PATH); install one (e.g. `apt install gcc`) or use kernel='torch'")
         # machine in the key too: nodes of another architecture may share this home folder
-        ident = " ".join((compiler, *FLAGS, platform.machine(), platform.system()))
+        ident = " ".join((compiler, *FLAGS, *defines, platform.machine(), platform.system()))
         key = hashlib.sha256(SOURCE.read_bytes() + ident.encode()).hexdigest()[:16]
         name = f"archlab_scan_{key}.so"
         path = cache_dir() / name
         if not path.exists():
             try:
-                _build(compiler, path)
+                _build(compiler, path, defines)
             except PermissionError:  # a read-only home: build in this user's temp folder instead
                 path = Path(tempfile.gettempdir()) / f"archlab-kernels-{os.getuid()}" / name
                 if not path.exists():
-                    _build(compiler, path)
+                    _build(compiler, path, defines)
         lib = ctypes.CDLL(str(path))
         i64, vp = ctypes.c_int64, ctypes.c_void_p
         lib.archlab_scan_fwd.argtypes = [ctypes.c_int, vp, vp, vp, vp, i64, i64, i64, ctypes.c_int]
         lib.archlab_scan_fwd.restype = ctypes.c_int
         lib.archlab_scan_bwd.argtypes = [ctypes.c_int, vp, vp, vp, vp, vp, vp, vp, i64, i64, i64, ctypes.c_int]
         lib.archlab_scan_bwd.restype = ctypes.c_int
-        _lib = lib
+        _libs[defines] = lib
         return lib
 
 
