@@ -255,6 +255,7 @@ def fresh_cpu_build(monkeypatch, tmp_path):
 
     monkeypatch.setattr(cpu_scan, "_libs", {})
     monkeypatch.setattr(_dispatch, "_cpu_build_error", None)
+    monkeypatch.setattr(_dispatch, "_cpu_loaded", False)
     monkeypatch.setenv("ARCHLAB_KERNEL_CACHE", str(tmp_path / "cache"))
     return tmp_path
 

@@ -40,11 +40,15 @@ class KernelUnavailableError(RuntimeError):
 # Set once when building the fused C scan failed in this process: `auto` stops choosing it
 # and an explicit kernel="cpu" reports this message.
 _cpu_build_error: str | None = None
+# Set once the fused C scan is loaded in this process: from then on it can run whatever
+# $CC or $PATH say, and scan dispatch on CPU skips the checks (they cost ~10 us a call, and
+# several times that right after other work has pushed them out of the CPU's caches).
+_cpu_loaded = False
 
 
 def _cpu_ready() -> str | None:
     """Build (first call) and load the fused C scan; None when it works, else why not."""
-    global _cpu_build_error
+    global _cpu_build_error, _cpu_loaded
     if _cpu_build_error is not None:
         return _cpu_build_error
     from archlab.kernels.scan.cpu_scan import BuildError, load_library
@@ -54,6 +58,8 @@ def _cpu_ready() -> str | None:
     except (BuildError, OSError) as err:  # OSError: the .so would not load
         _cpu_build_error = f"the fused C scan could not be built or loaded: {err}"
         log.warning("kernels: %s; scan falls back to the torch path", _cpu_build_error)
+    else:
+        _cpu_loaded = True
     return _cpu_build_error
 
 
@@ -73,6 +79,8 @@ def _why_unavailable(op: str, path: str, device: torch.device | None) -> str | N
     if path == "cpu":
         if device is not None and device.type != "cpu":
             return f"tensors are on {device.type!r}: the fused C scan takes CPU tensors"
+        if _cpu_loaded:
+            return None
         if _cpu_build_error is not None:
             return _cpu_build_error
         from archlab.kernels.scan.cpu_scan import find_compiler  # builds nothing, imports no optional package
@@ -122,6 +130,9 @@ def resolve_kernel(op: str, kernel: str, device: torch.device) -> str:
     (op, device type, path). Choosing "cpu" builds the fused C scan on first use (about a
     second); if that fails, `auto` takes the next path and an explicit "cpu" raises.
     """
+    if _cpu_loaded and op == "scan" and device.type == "cpu" and (
+            kernel == "cpu" or (kernel == "auto" and ("scan", "cpu", "cpu") in _logged)):
+        return "cpu"  # the common case, decided before (see _cpu_loaded)
     if kernel not in KERNELS:
         raise ValueError(f"kernel={kernel!r} is not a kernel name; expected one of {list(KERNELS)}")
     if kernel == "auto":

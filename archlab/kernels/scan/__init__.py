@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from archlab.kernels._dispatch import resolve_kernel
+from archlab.kernels.scan.cpu_scan import linear_scan_cpu
 from archlab.kernels.scan.reference import linear_scan_ref
 from archlab.kernels.scan.torch_scan import linear_scan_torch
 
@@ -33,8 +34,6 @@ def linear_scan(a, b, h0=None, *, kernel: str = "auto", chunk_size: int | None =
     if path == "reference":
         return linear_scan_ref(a, b, h0)
     if path == "cpu":
-        from archlab.kernels.scan.cpu_scan import linear_scan_cpu
-
         return linear_scan_cpu(a, b, h0)
     if path == "torch":
         return linear_scan_torch(a, b, h0, chunk_size)
