@@ -2,6 +2,8 @@
 
     python benchmarks/kernels.py                 # the BENCHMARKS.md table (a few minutes)
     python benchmarks/kernels.py --smoke         # seconds: tiny sizes, checks the script runs
+    python benchmarks/kernels.py --malloc keep   # glibc keeps freed memory: no page faults
+                                                 # on fresh outputs (see keep_freed_memory)
 
 For every op and T it times the reference and the fast path in the same process,
 interleaved (the machine is shared and noisy), forward only (under no_grad) and forward +
@@ -89,9 +91,36 @@ def timed(fn, dy: torch.Tensor | None, leaves) -> float:
     return time.perf_counter() - t0
 
 
+def keep_freed_memory() -> str:
+    """Tell glibc's malloc to keep freed memory in the process instead of handing it back to
+    the kernel (mallopt M_MMAP_THRESHOLD 32 MiB, its maximum, and M_TRIM_THRESHOLD 1 GiB).
+
+    Why a benchmark needs this: every op returns fresh output tensors, and whether glibc
+    serves them from memory the process already holds or from new pages depends on what was
+    freed before. New pages cost a fault each, ~2 us per 4 KiB on this VM, i.e. ~1 ms per
+    2 MiB output, five times the fused scan's own time at T = 1024, so with glibc's defaults
+    a path's median depends on which path ran before it. Kept memory takes that out for
+    every path alike (the reference's outputs included); it is what a caching allocator
+    (jemalloc, tcmalloc, PyTorch's CUDA allocator) does.
+    """
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError) as err:
+        raise SystemExit(f"--malloc keep needs glibc (libc.so.6 with mallopt): {err}")
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    ok = mallopt(M_MMAP_THRESHOLD, 32 << 20) == 1 and mallopt(M_TRIM_THRESHOLD, 1 << 30) == 1
+    if not ok:
+        raise SystemExit("--malloc keep: glibc refused mallopt(M_MMAP_THRESHOLD 32 MiB, M_TRIM_THRESHOLD 1 GiB)")
+    return "glibc keeps freed memory (mallopt M_MMAP_THRESHOLD=32MiB M_TRIM_THRESHOLD=1GiB)"
+
+
 def measure(paths: dict, repeats: int, backward: bool, leaves) -> dict[str, float]:
     """Median seconds per path; one warm-up each (which also fixes a random upstream
-    gradient per path, outside the clock), then the paths take turns."""
+    gradient per path, outside the clock), then the paths take turns, the order rotating
+    by one each round so that no path always runs right after the same other one."""
     dys = {}
     for name, fn in paths.items():  # the warm-up, untimed
         with torch.set_grad_enabled(backward):
@@ -101,9 +130,10 @@ def measure(paths: dict, repeats: int, backward: bool, leaves) -> dict[str, floa
             dys[name] = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y.dtype)
             y.backward(dys[name])
     times = {name: [] for name in paths}
-    for _ in range(repeats):
-        for name, fn in paths.items():
-            times[name].append(timed(fn, dys[name], leaves))
+    names = list(paths)
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            times[name].append(timed(paths[name], dys[name], leaves))
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
@@ -115,14 +145,18 @@ def main() -> None:
     ap.add_argument("--ops", default="scan,ssd,retention")
     ap.add_argument("--T", default="256,1024,4096")
     ap.add_argument("--batch", type=int, default=1, help="batch size for every op")
+    ap.add_argument("--malloc", choices=("default", "keep"), default="default",
+                    help="keep: glibc keeps freed memory, so fresh outputs cost no page faults "
+                         "(see keep_freed_memory); default: glibc as configured")
     args = ap.parse_args()
+    malloc = keep_freed_memory() if args.malloc == "keep" else "glibc malloc as configured"
     torch.set_num_threads(args.threads)
     Ts = [16, 40] if args.smoke else [int(t) for t in args.T.split(",")]
     repeats = 1 if args.smoke else args.repeats
     B = args.batch
     gen = torch.Generator().manual_seed(0)
     print(f"# kernels benchmark: torch {torch.__version__}, {platform.processor() or platform.machine()}, "
-          f"threads={args.threads}, repeats={repeats} (median), fp32, CPU, "
+          f"threads={args.threads}, repeats={repeats} (median), fp32, CPU, {malloc}, "
           f"load average at start {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores\n")
     print("| op | size | pass | reference ms | fast path | fast ms | speed-up |")
     print("|---|---|---|---:|---|---:|---:|")
