@@ -358,3 +358,26 @@ def test_cpu_backward_walk_order_changes_no_bit():
     ref = torch.autograd.grad(hr, (ar, br, h0r), dh)
     for name, x, y in zip(("da", "db", "dh0"), grads[()], ref):
         assert_close(name, x, y, 1e-6)
+
+
+@needs_cc
+def test_cpu_shortcuts_give_the_general_paths_results():
+    """linear_scan_cpu skips conversions for ready fp32 inputs and skips autograd when no
+    gradient is wanted; strided inputs, inputs that need no gradient under grad mode, and
+    no_grad must all still give the reference's h and h_T (and h_T must be h's last step)."""
+    a, b, h0 = (x.detach() for x in make_inputs(2, 45, 24))
+    h_r, hT_r = linear_scan_ref(a, b, h0)
+    # strided: [B, D, T] storage seen as [B, T, D]
+    a_s, b_s = a.transpose(1, 2).contiguous().transpose(1, 2), b.transpose(1, 2).contiguous().transpose(1, 2)
+    assert not a_s.is_contiguous()
+    for name, args, grad_mode in (("ready, grad mode, nothing requires grad", (a, b, h0), True),
+                                  ("ready, no_grad", (a, b, h0), False),
+                                  ("strided", (a_s, b_s, h0), True),
+                                  ("no h0", (a, b, None), True)):
+        with torch.set_grad_enabled(grad_mode):
+            h, hT = linear_scan(*args, kernel="cpu")
+        ref_h, ref_hT = (h_r, hT_r) if args[2] is not None else linear_scan_ref(a, b)
+        assert not h.requires_grad, name
+        assert_close(f"h {name}", h, ref_h, 1e-6)
+        assert torch.equal(hT, h[:, -1]), name
+        assert_close(f"hT {name}", hT, ref_hT, 1e-6)
