@@ -362,9 +362,10 @@ def test_cpu_backward_walk_order_changes_no_bit():
 
 @needs_cc
 def test_cpu_shortcuts_give_the_general_paths_results():
-    """linear_scan_cpu skips conversions for ready fp32 inputs and skips autograd when no
-    gradient is wanted; strided inputs, inputs that need no gradient under grad mode, and
-    no_grad must all still give the reference's h and h_T (and h_T must be h's last step)."""
+    """The fused path skips conversions for ready fp32 inputs (scan_in_compute_dtype) and
+    skips autograd when no gradient is wanted; strided inputs, inputs that need no gradient
+    under grad mode, and no_grad must all still give the reference's h and h_T (and h_T
+    must be h's last step)."""
     a, b, h0 = (x.detach() for x in make_inputs(2, 45, 24))
     h_r, hT_r = linear_scan_ref(a, b, h0)
     # strided: [B, D, T] storage seen as [B, T, D]

@@ -170,8 +170,12 @@ class _CpuScan(torch.autograd.Function):
         return da, db, dh0
 
 
-def _ready(x: torch.Tensor | None, dtype: torch.dtype) -> bool:
-    return x is None or (x.dtype == dtype and x.is_contiguous())
+def _apply(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None) -> torch.Tensor:
+    """h through the autograd.Function when a gradient is wanted, else the bare forward:
+    autograd's bookkeeping is a fair part of the op's cost at small sizes."""
+    if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad or (h0 is not None and h0.requires_grad)):
+        return _CpuScan.apply(a, b, h0)
+    return scan_fwd(a, b, h0)
 
 
 def linear_scan_cpu(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None = None):
@@ -179,16 +183,6 @@ def linear_scan_cpu(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None = 
     for name, x in (("a", a), ("b", b), ("h0", h0)):
         if x is not None and x.device.type != "cpu":
             raise ValueError(f"kernel='cpu': {name} is on {x.device}; the fused CPU scan takes CPU tensors")
-    dtype = b.dtype
-    if dtype in _DTYPES and _ready(a, dtype) and _ready(b, dtype) and _ready(h0, dtype) and b.shape[1] > 0:
-        # the common case, without scan_in_compute_dtype's conversions (each a no-op here,
-        # but a dispatcher call apiece), and without autograd's bookkeeping when no gradient
-        # is wanted: this wrapper is most of the op's cost at small sizes
-        if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad or (h0 is not None and h0.requires_grad)):
-            h = _CpuScan.apply(a, b, h0)
-        else:
-            h = scan_fwd(a, b, h0)
-        return h, h[:, -1]
     if compute_dtype(b) not in _DTYPES:
         raise ValueError(f"kernel='cpu': b has dtype {b.dtype}; expected a float type (fp32 inside, fp64 kept)")
-    return scan_in_compute_dtype(_CpuScan.apply, a, b, h0)
+    return scan_in_compute_dtype(_apply, a, b, h0)
