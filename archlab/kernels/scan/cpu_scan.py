@@ -135,9 +135,10 @@ def _threads(numel: int) -> int:
     return max(1, min(torch.get_num_threads(), numel // _PER_THREAD_MIN))
 
 
-def scan_fwd(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None) -> torch.Tensor:
-    """a, b [B, T, D] contiguous CPU fp32/fp64 of one dtype, h0 [B, D] or None -> h."""
-    lib = load_library()
+def scan_fwd(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None, lib=None) -> torch.Tensor:
+    """a, b [B, T, D] contiguous CPU fp32/fp64 of one dtype, h0 [B, D] or None -> h.
+    lib: a load_library() build (default: the standard one)."""
+    lib = lib or load_library()
     h = torch.empty_like(b)
     bsz, t, d = b.shape
     rc = lib.archlab_scan_fwd(_DTYPES[b.dtype], _ptr(a), _ptr(b), _ptr(h0), _ptr(h), bsz, t, d,
@@ -145,6 +146,21 @@ def scan_fwd(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None) -> torch
     if rc != 0:
         raise RuntimeError(f"fused CPU scan forward: a worker thread failed to join (rc={rc})")
     return h
+
+
+def scan_bwd(a: torch.Tensor, h: torch.Tensor, h0: torch.Tensor | None, dh: torch.Tensor,
+             want_h0: bool, lib=None):
+    """The gradients of h = scan_fwd(a, b, h0) given dh (all contiguous, one dtype) ->
+    (da, db, dh0), dh0 None unless want_h0 (and h0 given). lib as in scan_fwd."""
+    lib = lib or load_library()
+    da, db = torch.empty_like(a), torch.empty_like(a)
+    dh0 = torch.empty_like(h0) if want_h0 and h0 is not None else None
+    bsz, t, d = a.shape
+    rc = lib.archlab_scan_bwd(_DTYPES[a.dtype], _ptr(a), _ptr(h), _ptr(h0), _ptr(dh), _ptr(da), _ptr(db),
+                              _ptr(dh0), bsz, t, d, _threads(a.numel()))
+    if rc != 0:
+        raise RuntimeError(f"fused CPU scan backward: a worker thread failed to join (rc={rc})")
+    return da, db, dh0
 
 
 class _CpuScan(torch.autograd.Function):
@@ -157,17 +173,7 @@ class _CpuScan(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dh):
         a, h, h0 = ctx.saved_tensors
-        dh = dh.contiguous()
-        da, db = torch.empty_like(a), torch.empty_like(a)
-        want_h0 = h0 is not None and ctx.needs_input_grad[2]
-        dh0 = torch.empty_like(h0) if want_h0 else None
-        bsz, t, d = a.shape
-        rc = load_library().archlab_scan_bwd(_DTYPES[a.dtype], _ptr(a), _ptr(h), _ptr(h0), _ptr(dh),
-                                             _ptr(da), _ptr(db), _ptr(dh0), bsz, t, d,
-                                             _threads(a.numel()))
-        if rc != 0:
-            raise RuntimeError(f"fused CPU scan backward: a worker thread failed to join (rc={rc})")
-        return da, db, dh0
+        return scan_bwd(a, h, h0, dh.contiguous(), want_h0=ctx.needs_input_grad[2])
 
 
 def _apply(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None) -> torch.Tensor:
