@@ -12,6 +12,17 @@ SAMPLE = REPO / "data" / "wikitext2-minilm384-sample"
 SHARED_DATA = Path(os.environ.get("ARCHLAB_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 
+def _has_c_compiler() -> bool:
+    from archlab.kernels.scan.cpu_scan import find_compiler
+
+    return find_compiler() is not None
+
+
+# The fused CPU scan is built by the system C compiler, which pip does not install; without
+# one, `auto` takes the torch scan (tested on its own) and these tests have nothing to run.
+needs_cc = pytest.mark.skipif(not _has_c_compiler(), reason="no C compiler on PATH for the fused CPU scan")
+
+
 @pytest.fixture(scope="session")
 def sample_dataset() -> Path:
     """The real sample shipped in the repo (canonical vector shards + manifest)."""

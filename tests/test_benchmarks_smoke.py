@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from archlab.kernels.scan.cpu_scan import find_compiler
+from tests.conftest import needs_cc
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,7 +39,7 @@ def test_kernels_benchmark_smoke(malloc):
     assert {"torch", "one_pass"} <= fast and (("cpu" in fast) == (find_compiler() is not None)), fast
 
 
-@pytest.mark.skipif(find_compiler() is None, reason="no C compiler on PATH for the fused CPU scan")
+@needs_cc
 def test_scan_walk_benchmark_smoke():
     rows = table_rows(run_script("benchmarks/scan_walk.py", "--smoke"))
     assert [(r[1], r[2]) for r in rows] == [("fwd", "cold"), ("fwd", "warm"), ("bwd", "cold"), ("bwd", "warm")]

@@ -21,6 +21,7 @@ import torch
 from archlab.kernels import available_paths
 from archlab.kernels.scan import linear_scan, linear_scan_ref
 from archlab.kernels.testing import RMS_TOL, assert_close, grads_of, nan_poisoned_empty
+from tests.conftest import needs_cc
 
 # Triton runs here in-process if a GPU is present or the interpreter was switched on
 # before triton's first import (the case when this module is the first to import it).
@@ -164,14 +165,6 @@ def _triton_installed() -> bool:
 
 
 # ---- the fused C path (kernel="cpu"): built by the system C compiler on first use ----
-
-def _has_compiler():
-    from archlab.kernels.scan.cpu_scan import find_compiler
-
-    return find_compiler() is not None
-
-
-needs_cc = pytest.mark.skipif(not _has_compiler(), reason="no C compiler on PATH for the fused CPU scan")
 
 
 @needs_cc
