@@ -123,8 +123,8 @@ def select_docs(items, src, cut: str, skip_docs: int = 0, max_docs: int | None =
     """items[skip_docs : skip_docs + max_docs], the documents of one split out of a source's
     document cut (so a train/valid split can come from one file). Skipping all of them is an
     error that names the file, the documents found (`cut` says how they were found) and the
-    skip asked."""
-    check_doc_range(skip_docs, max_docs)
+    skip asked. The range itself was checked by check_doc_range, which every prepare calls
+    first, before any file is read."""
     n = len(items)
     if skip_docs and skip_docs >= n:
         raise DataError(f"{src}: --skip-docs {skip_docs} leaves no documents: found {n} document(s) ({cut}), "
