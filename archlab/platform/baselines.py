@@ -168,3 +168,27 @@ def evaluate_baselines(
             m["retrieval_acc"] = hits[name] / n_windows
         out[name] = m
     return out
+
+
+def baseline_window_scores(
+    train_docs: list[np.ndarray],
+    valid_docs: list[np.ndarray],
+    context: int = 5,
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
+    """Baseline name -> per-window cosine [N] (float64) on the windows of `valid_docs`, in
+    window order: the values whose means `evaluate_baselines` reports as "cosine" (same
+    windows, same random draws for the same `seed`), kept per window so that a model's
+    per-window scores can be paired with them (archlab.platform.stats.paired)."""
+    if not any(len(d) > context for d in valid_docs):
+        raise ValueError(f"baselines: no valid document has more than context={context} vectors (no windows)")
+    mean_vec = np.concatenate([d for d in train_docs if len(d)]).astype(np.float64).mean(axis=0).astype(np.float32)
+    nn = _NearestNeighbour(train_docs)
+    rng = np.random.default_rng(seed)
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in BASELINES}
+    for ctx, tgt in _window_blocks(valid_docs, context):
+        t = torch.from_numpy(tgt).double()
+        for name, pred in baseline_predictions(ctx, mean_vec, nn, rng).items():
+            p = torch.from_numpy(_normalize(np.asarray(pred, dtype=np.float32))).double()
+            parts[name].append(torch.nn.functional.cosine_similarity(p, t, dim=-1, eps=1e-12).numpy())
+    return {name: np.concatenate(v) for name, v in parts.items()}

@@ -130,3 +130,27 @@ def inference_latency(model: torch.nn.Module, x: torch.Tensor, repeats: int = 5,
         model.train(was_training)
     times.sort()
     return times[len(times) // 2] / x.shape[0]
+
+
+@torch.no_grad()
+def window_scores(model: torch.nn.Module, windows, task: str, batch: int = 512):
+    """Per-window scores [N] (numpy float64) of `model` on windows [N, L+1(, D)]:
+    vector task: the seed protocol's cosine (the context -> the last vector, higher is
+    better); token task: the window's mean next-token loss (lower is better). Their mean
+    is the comparison metric; kept per window they pair with baselines' scores."""
+    import numpy as np
+
+    model.eval()
+    out = []
+    for i in range(0, len(windows), batch):
+        x = torch.as_tensor(windows[i: i + batch])
+        if task == "vector":
+            x = x.float()
+            pred = model(x[:, :-1])[:, -1].double()
+            out.append(F.cosine_similarity(pred, x[:, -1].double(), dim=-1, eps=1e-12).numpy())
+        else:
+            x = x.long()
+            logits = model(x[:, :-1]).float()  # (B, L, V)
+            nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="none")
+            out.append(nll.reshape(x.shape[0], -1).double().mean(dim=1).numpy())
+    return np.concatenate(out) if out else np.zeros(0)
