@@ -62,7 +62,7 @@ def check_archs(cfg: ArchlabConfig, archs: list[str], smoke: bool) -> None:
 
 
 def prepare_job(cfg: ArchlabConfig) -> Job:
-    from archlab.platform.data import inspect_dataset, make_ray_datasets, materialized_windows
+    from archlab.platform.data import inspect_dataset, make_ray_datasets, materialized_windows, train_window_count
     from archlab.platform.runtime import init_ray, storage_path, tracking_uri
 
     info = inspect_dataset(cfg)  # before Ray starts: bad data fails fast
@@ -77,6 +77,7 @@ def prepare_job(cfg: ArchlabConfig) -> Job:
     data_info = {
         "dim": info.dim, "vocab_size": info.vocab_size, "dataset_id": info.dataset_id,
         "dataset_name": info.name, "tokens_per_byte": info.tokens_per_byte,
+        "train_windows": train_window_count(cfg, info),  # plans the LR schedule's length
     }
     return Job(cfg, info, datasets, windows, baselines, uri, storage, exp_id, data_info)
 
