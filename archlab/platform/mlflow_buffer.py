@@ -63,14 +63,16 @@ class MlflowBuffer:
         self.dropped = 0  # lost to overflow or to a permanent error
         self.failures = 0  # failed sends (each retried unless permanent)
         self.sent = 0
+        from mlflow.entities import Metric, Param  # imported here, not on the first log call
+
+        self._Metric, self._Param = Metric, Param
         self._thread = threading.Thread(target=self._run, name=f"mlflow-buffer-{run_id[:8]}", daemon=True)
         self._thread.start()
 
     # ---- worker side: never blocks on the network ----
 
     def log_metrics(self, metrics: dict[str, Any], step: int) -> None:
-        from mlflow.entities import Metric
-
+        Metric = self._Metric
         ts = int(time.time() * 1000)
         items = [Metric(k, float(v), ts, int(step)) for k, v in metrics.items()
                  if isinstance(v, (int, float)) and not isinstance(v, bool)]
@@ -125,8 +127,7 @@ class MlflowBuffer:
     # ---- the thread ----
 
     def _take(self) -> tuple[list, list]:
-        from mlflow.entities import Param
-
+        Param = self._Param
         metrics = [self._metrics.popleft() for _ in range(min(len(self._metrics), MAX_METRICS_PER_BATCH))]
         keys = list(self._params)[:MAX_PARAMS_PER_BATCH]
         params = [Param(k, self._params.pop(k)[:6000]) for k in keys]
@@ -173,7 +174,7 @@ class MlflowBuffer:
                     self._put_back(metrics, params)
                     self._lock.notify_all()
                 backoff = min(self.max_backoff_s, backoff * 2 if backoff else self.first_backoff_s)
-                log.warning("MLflow write to run %s failed (%s: %s); retrying in %.0f s", self.run_id,
+                log.warning("MLflow write to run %s failed (%s: %s); retrying in %.1f s", self.run_id,
                             type(e).__name__, str(e)[:200], backoff)
                 until = time.monotonic() + backoff
                 with self._lock:  # new items or a flush() must not cut the backoff short

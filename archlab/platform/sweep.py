@@ -286,7 +286,7 @@ def _load_trial_model(trial: dict[str, Any]):
     from archlab.platform.train import STATE_FILE, build_from_spec
 
     model = build_from_spec(trial["spec"])
-    state = torch.load(Path(trial["checkpoint"]) / STATE_FILE, map_location="cpu", weights_only=False)
+    state = torch.load(Path(trial["checkpoint"]) / STATE_FILE, map_location="cpu", weights_only=True)
     model.load_state_dict(state["model"])
     return model.eval()
 
