@@ -215,6 +215,7 @@ class Trainer:
         self._aux_sums: dict[str, torch.Tensor] = {}
         self._first_bad = torch.full((), -1, dtype=torch.long, device=self.device)
         self._samples, self._wait_s, self._time_s = 0, 0.0, 0.0
+        self._t_start = None  # perf_counter at the start of a running epoch
 
     @staticmethod
     def _x(batch) -> torch.Tensor:
@@ -277,6 +278,14 @@ class Trainer:
                 f"epoch {self.epoch} (arch={self.cfg.model.arch}, lr={self.lr():.3g})"
             )
 
+    def running_loss(self) -> float:
+        """Mean training loss of the current epoch so far (one host sync: for progress lines)."""
+        return float(self._loss_sum) / max(self.batches_in_epoch, 1)
+
+    def epoch_time_s(self) -> float:
+        """Training time of the current epoch so far (a running epoch counts up to now)."""
+        return self._time_s + (time.perf_counter() - self._t_start if self._t_start is not None else 0.0)
+
     def lr(self) -> float:
         g = self.optimizer.param_groups[0]
         return float(g.get("scheduled_lr") or g["lr"]) if self.schedule_free else float(g["lr"])
@@ -302,6 +311,7 @@ class Trainer:
         self._wait_s += time.perf_counter() - t0
         max_micro = self.cfg.train.max_steps_per_epoch * self.accum
         t_start, t_outside = time.perf_counter(), 0.0
+        self._t_start = t_start
         while not max_micro or self.batches_in_epoch < max_micro:
             t0 = time.perf_counter()
             batch = next(it, None)
@@ -315,6 +325,7 @@ class Trainer:
         # an accumulation left incomplete at the end is dropped, as before the Trainer
         self.optimizer.zero_grad(set_to_none=True)
         self._time_s += time.perf_counter() - t_start - t_outside
+        self._t_start = None
         self.check_finite()
         metrics = self._finish_epoch()
         if valid_batches is not None:
