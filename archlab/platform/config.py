@@ -100,6 +100,7 @@ class TrainConfig(_Strict):
     seed: int = 0
     # fault injection for restart tests: raise once at this epoch unless resumed (-1 = off)
     fail_once_at_epoch: int = -1
+    fail_once_at_step: int = -1  # the same, after this optimizer step (mid-epoch checkpoint tests)
 
     @model_validator(mode="after")
     def _one_warmup(self) -> "TrainConfig":

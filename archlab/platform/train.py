@@ -152,10 +152,13 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
                            "n_params": n_params, "planned_steps": trainer.total_steps})
 
     every = cfg.train.checkpoint_every_steps
+    fail_at = cfg.train.fail_once_at_step
 
-    def mid_epoch_checkpoint(tr: Trainer) -> None:
-        if tr.step % every == 0:
+    def after_step(tr: Trainer) -> None:
+        if every and tr.step % every == 0:
             _report(tr, spec, {MID_EPOCH: 1, "epoch": tr.epoch, "step": tr.step}, rank)
+        if tr.step == fail_at and not restored:
+            raise RuntimeError(f"injected failure after step {fail_at} (train.fail_once_at_step)")
 
     train_shard = ray.train.get_dataset_shard("train")
     valid_shard = ray.train.get_dataset_shard("valid")
@@ -172,7 +175,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
                 prefetch_batches=2,  # keep windows ready while the step computes
             )
             metrics = trainer.train_epoch(batches, valid_shard.iter_torch_batches(batch_size=256),
-                                          on_step=mid_epoch_checkpoint if every else None)
+                                          on_step=after_step if every or fail_at >= 0 else None)
             if buffer is not None:
                 buffer.log_metrics(metrics, step=epoch + 1)
                 # Tune may stop the trial at this report (ASHA: at once at max_t), so the last
