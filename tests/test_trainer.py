@@ -313,3 +313,16 @@ def test_new_train_fields_are_searchable():
 
     with pytest.raises(ConfigError, match="train.scheduler"):
         load_config(None, ["train.scheduler=linear"])
+
+
+def test_a_schedule_longer_than_the_run_is_refused_on_the_driver():
+    from archlab.platform.config import ConfigError
+    from archlab.platform.trainer import check_schedule
+
+    check_schedule(cfg_for("train.scheduler=cosine", "train.warmup_steps=10"), {"train_windows": 1000})
+    with pytest.raises(ConfigError, match=r"train.scheduler=cosine.*planned steps \(2 = .*warm-up \(10\)"):
+        check_schedule(cfg_for("train.scheduler=cosine", "train.warmup_steps=10", "train.epochs=1",
+                               "train.num_workers=1"), {"train_windows": 16})
+    with pytest.raises(ConfigError, match="planned steps"):
+        check_schedule(cfg_for("train.scheduler=constant", "train.warmup_frac=0.1"), {})
+    check_schedule(cfg_for("train.scheduler=constant", "train.warmup_steps=5"), {})  # needs no length

@@ -186,9 +186,12 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
                 else:
                     buffer.flush(FLUSH_BEFORE_REPORT_S)
             _report(trainer, spec, metrics, rank)
-    finally:
-        if buffer is not None:
-            buffer.close()
+    except BaseException:
+        if buffer is not None:  # the run failed: deliver what is queued, but do not hold the error long
+            buffer.close(timeout_s=60.0)
+        raise
+    if buffer is not None:
+        buffer.close()
 
 
 def fit_trainer(

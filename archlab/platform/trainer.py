@@ -90,6 +90,24 @@ def planned_steps(cfg: ArchlabConfig, data_info: dict[str, Any]) -> int:
     return t.epochs * per_epoch
 
 
+def check_schedule(cfg: ArchlabConfig, data_info: dict[str, Any]) -> None:
+    """On the driver: a schedule that needs the run's length gets one longer than its
+    warm-up (the worker would refuse it only after Ray started)."""
+    from archlab.platform.config import ConfigError
+
+    t = cfg.train
+    if t.optimizer == "schedule_free" or not (t.scheduler == "cosine" or t.warmup_frac):
+        return
+    total = planned_steps(cfg, data_info)
+    warmup = t.warmup_steps or int(round(t.warmup_frac * total))
+    if total <= (warmup if t.scheduler == "cosine" else 0):
+        raise ConfigError(
+            f"train.scheduler={t.scheduler}, train.warmup_frac={t.warmup_frac}: the run's planned steps ({total} = "
+            f"train.epochs x train windows {data_info.get('train_windows')} // workers // batch_size // grad_accum, "
+            f"capped by train.max_steps_per_epoch) must exceed the warm-up ({warmup})"
+        )
+
+
 class LRSchedule:
     """lr(step) = base_lr x warm-up(step) x shape(step) x plateau scale, set on every
     parameter group before each optimizer step (step = steps already taken, 0-based).
