@@ -326,3 +326,21 @@ def test_a_schedule_longer_than_the_run_is_refused_on_the_driver():
     with pytest.raises(ConfigError, match="planned steps"):
         check_schedule(cfg_for("train.scheduler=constant", "train.warmup_frac=0.1"), {})
     check_schedule(cfg_for("train.scheduler=constant", "train.warmup_steps=5"), {})  # needs no length
+
+
+def test_a_checkpoint_written_before_the_trainer_still_resumes_at_its_epoch_end():
+    cfg = cfg_for()
+    torch.manual_seed(0)
+    model = build_model("lstm", "vector", make_config("lstm", "debug"), d_in=D)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=0)
+    for v in (1.0, 1.0):  # one reduction: lr 3e-3 -> 1.5e-3
+        sched.step(v)
+    old = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+           "epoch": 2, "step": 36, "train_time_s": 3.0}  # the pre-Trainer worker's keys
+    t = make_trainer(cfg)
+    t.load_state_dict(_save_load(old))
+    assert (t.epoch, t.batches_in_epoch, t.step, t.train_time_s) == (3, 0, 36, 3.0)
+    assert t.schedule.factor_at(100) == pytest.approx(0.5) and t.schedule.best == 1.0
+    for p, q in zip(t.module.parameters(), model.parameters()):
+        assert torch.equal(p, q)
