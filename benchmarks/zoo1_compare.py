@@ -1,7 +1,8 @@
 """Zoo I comparison: the four seed recipes against the six baselines on the same windows.
 
-One process, no Ray: the same model code (`archlab.architectures.build_model`), loss
-(`archlab.platform.losses`), metrics and baselines as the platform, trained with the seed
+One process, no Ray: the same model code (`archlab.architectures.build_model`), the same
+Trainer (`archlab.platform.trainer`: step, loss, clipping), metrics and baselines as the
+platform, trained with the seed
 recipe (MSE, AdamW lr 5e-4 wd 0.01, batch 32, clip 1.0, context 5, predicting at every
 position of each 6-vector window) and evaluated with the seed protocol (5 context vectors
 -> the next; the output at the window's last position). It adds what the platform's
@@ -29,7 +30,6 @@ import torch
 from archlab.architectures import build_model, make_config
 from archlab.architectures.io import count_params
 from archlab.platform.baselines import evaluate_baselines, read_docs, retrieval_candidates, windows
-from archlab.platform.losses import make_loss
 from archlab.platform.metrics import VectorMetrics, inference_latency, retrieval_hits
 
 
@@ -75,48 +75,54 @@ def evaluate(model, ctx: torch.Tensor, tgt: torch.Tensor, cands: torch.Tensor, b
     return out
 
 
+def trainer_config(args, epochs: int, steps_per_epoch: int):
+    """The seed recipe as an archlab config: the Trainer runs the same step as a worker."""
+    from archlab.platform.config import load_config
+
+    return load_config(None, [
+        f"train.lr={args.lr}", f"train.weight_decay={args.weight_decay}", f"train.batch_size={args.batch_size}",
+        f"train.grad_clip={args.clip}", f"train.loss={args.loss}", "train.scheduler=none", f"train.epochs={epochs}",
+        f"train.max_steps_per_epoch={steps_per_epoch}", f"train.seed={args.seed}", "train.precision=fp32",
+    ])
+
+
 def train_one(arch: str, flavor: str, train_w: TrainWindows, valid: tuple, args) -> dict:
+    from archlab.platform.trainer import Trainer
+
     torch.manual_seed(args.seed)
     d = train_w.shape[-1]
-    cfg = make_config(arch, flavor)
-    model = build_model(arch, "vector", cfg, d_in=d)
-    loss_fn = make_loss(args.loss)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    model = build_model(arch, "vector", make_config(arch, flavor), d_in=d)
     g = torch.Generator().manual_seed(args.seed)
     n = train_w.shape[0]
     steps_per_epoch = n // args.batch_size
     if args.max_steps:
         steps_per_epoch = min(steps_per_epoch, args.max_steps)
-    history, step, samples = [], 0, 0
-    t_train, stopped = 0.0, False
-    for epoch in range(args.epochs):
-        model.train()
-        order = torch.randperm(n, generator=g)
-        t0 = time.perf_counter()
-        loss_sum = 0.0
+    trainer = Trainer(model, trainer_config(args, args.epochs, steps_per_epoch))
+    history, stopped = [], False
+
+    def batches(order: torch.Tensor, t0: float):
+        nonlocal stopped
         for s in range(steps_per_epoch):
-            x = train_w[order[s * args.batch_size : (s + 1) * args.batch_size]]  # (B, context + 1, D)
-            pred = model(x[:, :-1])  # (B, context, D): a prediction at every position
-            loss = loss_fn(pred, x[:, 1:])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
-            opt.step()
-            loss_sum += float(loss.detach())
-            step += 1
-            samples += x.shape[0]
-            if args.log_every and step % args.log_every == 0:
-                print(f"  {arch} step {step} loss {loss_sum / (s + 1):.6f} ({time.perf_counter() - t0:.0f}s)", flush=True)
-            if args.time_limit and t_train + time.perf_counter() - t0 > args.time_limit:
+            if args.time_limit and trainer.train_time_s + time.perf_counter() - t0 > args.time_limit:
                 # a safety cap on a shared machine: the steps actually run are reported
-                print(f"  {arch}: time limit {args.time_limit:.0f}s reached at step {step}", flush=True)
+                print(f"  {arch}: time limit {args.time_limit:.0f}s reached at step {trainer.step}", flush=True)
                 stopped = True
-                break
-        t_train += time.perf_counter() - t0
-        ev = evaluate(model, *valid)
-        ev.update(epoch=epoch + 1, step=step, train_loss=loss_sum / max(steps_per_epoch, 1))
+                return
+            yield train_w[order[s * args.batch_size: (s + 1) * args.batch_size]]  # (B, context + 1, D)
+
+    def log_progress(tr) -> None:
+        if args.log_every and tr.step % args.log_every == 0:
+            print(f"  {arch} step {tr.step} loss {tr.running_loss():.6f} ({tr.epoch_time_s():.0f}s)", flush=True)
+
+    for epoch in range(args.epochs):
+        order = torch.randperm(n, generator=g)
+        m = trainer.train_epoch(batches(order, time.perf_counter()), on_step=log_progress)
+        with trainer.eval_weights() as eval_model:
+            ev = evaluate(eval_model, *valid)
+        ev.update(epoch=epoch + 1, step=trainer.step, train_loss=m["train_loss"])
         history.append(ev)
-        print(f"  {arch} epoch {epoch + 1}: valid cosine {ev['cosine']:.4f} (train {t_train:.0f}s)", flush=True)
+        print(f"  {arch} epoch {epoch + 1}: valid cosine {ev['cosine']:.4f} (train {trainer.train_time_s:.0f}s)",
+              flush=True)
         if stopped:
             break
     final = dict(history[-1])
@@ -125,10 +131,10 @@ def train_one(arch: str, flavor: str, train_w: TrainWindows, valid: tuple, args)
         arch=arch,
         flavor=flavor,
         params=count_params(model),
-        train_s=t_train,
-        samples_per_s=samples / max(t_train, 1e-9),
-        steps=step,
-        train_windows=samples,
+        train_s=trainer.train_time_s,
+        samples_per_s=trainer.step * args.batch_size / max(trainer.train_time_s, 1e-9),
+        steps=trainer.step,
+        train_windows=trainer.step * args.batch_size,
         time_limited=stopped,
         latency_ms_b1=1e3 * inference_latency(model, one, repeats=20, warmup=3),
         latency_ms_b256=1e3 * inference_latency(model, valid[0][:256], repeats=5),

@@ -45,3 +45,12 @@ def test_scan_walk_benchmark_smoke():
     assert [(r[1], r[2]) for r in rows] == [("fwd", "cold"), ("fwd", "warm"), ("bwd", "cold"), ("bwd", "warm")]
     for r in rows:
         assert float(r[3]) > 0 and float(r[4]) > 0, r
+
+
+def test_overhead_benchmark_plain_loop_smoke():
+    # the Ray modes run the platform (minutes); the plain-loop mode checks the script and
+    # the Trainer over in-memory windows cut by the platform's own functions
+    out = run_script("benchmarks/overhead.py", "--quick", "--modes", "plain")
+    rows = [r for r in table_rows(out) if r[0] == "amn"]
+    assert len(rows) == 1 and rows[0][1].split()[0].replace(",", "").isdigit(), out
+    assert float(rows[0][1].split()[0].replace(",", "")) > 0, out

@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 REPO_SAMPLE = Path(__file__).resolve().parents[2] / "data" / "wikitext2-minilm384-sample"
 
@@ -76,9 +76,21 @@ class TrainConfig(_Strict):
     grad_clip: float = Field(1.0, ge=0)  # 0 = off
     grad_accum: int = Field(1, ge=1)
     loss: str = "mse"
-    scheduler: Literal["plateau", "none"] = "plateau"
+    # LR schedule (archlab/platform/trainer.py, LRSchedule): plateau = ReduceLROnPlateau on
+    # val_loss per epoch; cosine = decay to 0 at the run's planned last step; constant = the
+    # base lr after the warm-up; none = the base lr from step 0 (no warm-up)
+    scheduler: Literal["plateau", "cosine", "constant", "none"] = "plateau"
     plateau_patience: int = Field(3, ge=0)
     plateau_factor: float = Field(0.5, gt=0, lt=1)
+    # linear warm-up over the first optimizer steps: a count, or a fraction of the planned
+    # total (epochs x steps per epoch, see trainer.planned_steps); at most one of the two
+    warmup_steps: int = Field(0, ge=0)
+    warmup_frac: float = Field(0.0, ge=0, lt=1)
+    # adamw | schedule_free (AdamWScheduleFree, Defazio et al. 2024: no schedule beyond its
+    # warm-up, so `scheduler` other than constant/none is ignored with a warning)
+    optimizer: Literal["adamw", "schedule_free"] = "adamw"
+    # a checkpoint every N optimizer steps inside an epoch too (0 = at epoch ends only)
+    checkpoint_every_steps: int = Field(0, ge=0)
     num_workers: int = Field(2, ge=1)
     cpus_per_worker: float = Field(1.0, gt=0)
     use_gpu: bool | None = None  # None: use GPUs when the cluster has them
@@ -88,6 +100,15 @@ class TrainConfig(_Strict):
     seed: int = 0
     # fault injection for restart tests: raise once at this epoch unless resumed (-1 = off)
     fail_once_at_epoch: int = -1
+    fail_once_at_step: int = -1  # the same, after this optimizer step (mid-epoch checkpoint tests)
+
+    @model_validator(mode="after")
+    def _one_warmup(self) -> "TrainConfig":
+        if self.warmup_steps and self.warmup_frac:
+            raise ValueError(
+                f"train.warmup_steps={self.warmup_steps} and train.warmup_frac={self.warmup_frac}: set one of them, not both"
+            )
+        return self
 
 
 class SweepConfig(_Strict):

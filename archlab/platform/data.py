@@ -259,6 +259,21 @@ def train_windows_bytes(cfg: ArchlabConfig, info: DatasetInfo) -> int:
     return items * 8 * (cfg.data.seq_len + 1) // cfg.data.seq_len
 
 
+def train_window_count(cfg: ArchlabConfig, info: DatasetInfo) -> int:
+    """Train windows per epoch, from the manifest's document (rows) and item counts, for
+    planning the LR schedule (trainer.planned_steps). Vector, stride 1: exact (a document
+    of n >= context + 1 vectors gives n - context windows; shorter ones are refused or
+    skipped by validation, so with on_bad_rows=skip it is an upper bound). Other strides:
+    (items - docs x context) / stride. Token: (items + docs separators) / (seq_len + 1),
+    an upper bound by at most one window per packed batch of 64 documents."""
+    shards = info.manifest.get("splits", {}).get(cfg.data.train_split, [])
+    items = sum(int(s.get("items", 0)) for s in shards)
+    docs = sum(int(s.get("rows", 0)) for s in shards)
+    if info.kind == "vector":
+        return max(0, items - docs * cfg.data.context) // cfg.data.stride
+    return (items + docs) // (cfg.data.seq_len + 1)
+
+
 def caches_train(cfg: ArchlabConfig, info: DatasetInfo) -> bool:
     """Whether make_ray_datasets reads the train windows once per job (under
     data.cache_train_mb) rather than streaming them from the files every epoch."""

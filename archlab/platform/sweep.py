@@ -62,10 +62,13 @@ def check_archs(cfg: ArchlabConfig, archs: list[str], smoke: bool) -> None:
 
 
 def prepare_job(cfg: ArchlabConfig) -> Job:
-    from archlab.platform.data import inspect_dataset, make_ray_datasets, materialized_windows
+    from archlab.platform.data import inspect_dataset, make_ray_datasets, materialized_windows, train_window_count
     from archlab.platform.runtime import init_ray, storage_path, tracking_uri
+    from archlab.platform.trainer import check_schedule
 
     info = inspect_dataset(cfg)  # before Ray starts: bad data fails fast
+    n_windows = train_window_count(cfg, info)  # plans the LR schedule's length
+    check_schedule(cfg, {"train_windows": n_windows})
     storage = storage_path(cfg)
     uri = tracking_uri(cfg)
     init_ray(cfg)
@@ -77,6 +80,7 @@ def prepare_job(cfg: ArchlabConfig) -> Job:
     data_info = {
         "dim": info.dim, "vocab_size": info.vocab_size, "dataset_id": info.dataset_id,
         "dataset_name": info.name, "tokens_per_byte": info.tokens_per_byte,
+        "train_windows": n_windows,
     }
     return Job(cfg, info, datasets, windows, baselines, uri, storage, exp_id, data_info)
 
@@ -285,7 +289,7 @@ def _load_trial_model(trial: dict[str, Any]):
     from archlab.platform.train import STATE_FILE, build_from_spec
 
     model = build_from_spec(trial["spec"])
-    state = torch.load(Path(trial["checkpoint"]) / STATE_FILE, map_location="cpu", weights_only=False)
+    state = torch.load(Path(trial["checkpoint"]) / STATE_FILE, map_location="cpu", weights_only=True)
     model.load_state_dict(state["model"])
     return model.eval()
 

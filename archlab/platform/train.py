@@ -1,21 +1,27 @@
 """Ray Train layer 1: `train_fn_per_worker`, and `fit_trainer` which runs one TorchTrainer.
 
-Per worker: build the model, `prepare_model` (DDP: gloo on CPU, nccl on GPU), stream
-windows from the worker's equal shard, BF16 autocast where the device runs it natively,
-AdamW, gradient accumulation and clipping, ReduceLROnPlateau, evaluation with metrics
-all-reduced over workers, a checkpoint every epoch, and `ray.train.report`. Rank 0 logs
-the epoch's metrics to the trial's MLflow run (an explicit run id made by the driver).
+The step, the epoch, evaluation and the state dict are the Ray-free `Trainer`
+(archlab/platform/trainer.py). The worker here only adapts Ray to it: build the model,
+`prepare_model` (DDP: gloo on CPU, nccl on GPU), feed the worker's equal shard of Ray Data
+batches, report every epoch (and every `train.checkpoint_every_steps` optimizer steps)
+with a checkpoint, and let rank 0 log the epoch's metrics to the trial's MLflow run (an
+explicit run id made by the driver) through a background buffer (mlflow_buffer.py).
+
+Mid-epoch resume: the state holds the number of batches the epoch had trained on, and the
+resumed worker skips that many batches of the epoch's stream before training. With one
+worker the stream (block order and local shuffle, both seeded) repeats, so the resumed
+run sees exactly the batches it would have; with several workers Ray Data's streaming
+split hands blocks to workers as they ask, so the skipped count is exact (the schedule,
+step counter and epoch length are unchanged) but which windows a worker skips may differ
+from the ones it had trained on: an epoch may then repeat some windows and miss others.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
-import math
-import os
 import tempfile
-import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +29,22 @@ import torch
 import torch.nn.functional as F
 
 from archlab.platform.config import ArchlabConfig
+from archlab.platform.trainer import all_reduce_sums as _all_reduce_sums  # noqa: F401 (kept importable)
+from archlab.platform.trainer import param_groups  # noqa: F401 (others import it from here)
+from archlab.platform.trainer import Trainer, planned_steps
+from archlab.platform.trainer import unwrap as _unwrap  # noqa: F401
 
 log = logging.getLogger("archlab")
 
 STATE_FILE = "state.pt"
 MODEL_FILE = "model.pt"
 SPEC_FILE = "model_spec.json"
+# Set on the metrics of a mid-epoch checkpoint report: Tune does not see those reports
+# (they carry no new evaluation; see TuneEpochReportCallback), Train keeps the checkpoint.
+MID_EPOCH = "mid_epoch"
+# Before an epoch's report the worker waits this long at most for MLflow to take the
+# epoch's metrics; the final epoch waits for all of them (MlflowBuffer.close).
+FLUSH_BEFORE_REPORT_S = 5.0
 
 
 def model_spec(cfg: ArchlabConfig, data_info: dict[str, Any]) -> dict[str, Any]:
@@ -60,35 +76,6 @@ def build_from_spec(spec: dict[str, Any]) -> torch.nn.Module:
     )
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: parameters marked `_no_weight_decay` (SSM A/dt, decay rates; mamba's
-    convention) are never decayed, the rest get `weight_decay`."""
-    decay, keep = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (keep if getattr(p, "_no_weight_decay", False) else decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}]
-    if keep:
-        groups.append({"params": keep, "weight_decay": 0.0})
-    return groups
-
-
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return model.module if hasattr(model, "module") else model
-
-
-def _all_reduce_sums(sums: dict[str, float], device) -> dict[str, float]:
-    """Sum metric sums over workers (each evaluated its own equal shard of the windows)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return sums
-    keys = sorted(sums)
-    t = torch.tensor([float(sums[k]) for k in keys], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return dict(zip(keys, t.tolist()))
-
-
 def _vector_loss(model, x, loss_fn):
     # x: (B, L, D); predict x[:, 1:] from x[:, :-1] at every position
     pred = model(x[:, :-1])  # (B, L-1, D), unit norm
@@ -102,52 +89,25 @@ def _token_loss(model, x):
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
 
 
-@torch.no_grad()
-def evaluate(model, batches, cfg: ArchlabConfig, loss_fn, device, autocast, tokens_per_byte: float = 1.0):
-    """Metrics over this worker's validation shard, summed over workers."""
-    model.eval()
-    if cfg.train.task == "vector":
-        from archlab.platform.metrics import VectorMetrics
+def load_state(path: str | Path, device="cpu") -> dict[str, Any]:
+    """A checkpoint folder's state file: tensors and plain containers only, read without
+    unpickling code (`weights_only=True`)."""
+    return torch.load(Path(path) / STATE_FILE, map_location=device, weights_only=True)
 
-        every, seed = VectorMetrics(), VectorMetrics()
-        loss_sum, n_batches = 0.0, 0
-        for batch in batches:
-            x = batch["x"].to(device)
-            with autocast:
-                pred = model(x[:, :-1])  # (B, L-1, D)
-            pred = pred.float()
-            target = x[:, 1:]
-            d = pred.shape[-1]
-            every.update(pred.reshape(-1, d), target.reshape(-1, d))
-            # the seed protocol: the full context of `context` vectors -> the next one
-            seed.update(pred[:, -1], target[:, -1])
-            loss_sum += float(loss_fn(pred.reshape(-1, d), target.reshape(-1, d))) * x.shape[0]
-            n_batches += x.shape[0]
-        sums = {f"every.{k}": v for k, v in every.sums().items()}
-        sums.update({f"seed.{k}": v for k, v in seed.sums().items()})
-        sums["loss_sum"], sums["loss_n"] = loss_sum, float(n_batches)
-        sums = _all_reduce_sums(sums, device)
-        ev = VectorMetrics.finalize({k[6:]: v for k, v in sums.items() if k.startswith("every.")})
-        sd = VectorMetrics.finalize({k[5:]: v for k, v in sums.items() if k.startswith("seed.")})
-        out = {"val_loss": sums["loss_sum"] / max(sums["loss_n"], 1.0), "val_cosine": ev["cosine"]}
-        out.update({"val_cosine_seed": sd["cosine"], "val_mse_seed": sd["mse"], "val_windows": sums["seed.n"]})
-        out.update({f"val_{k}_seed": v for k, v in sd.items() if k.startswith("frac_")})
-        return out
-    nll, count = 0.0, 0.0
-    for batch in batches:
-        x = batch["x"].to(device)
-        with autocast:
-            logits = model(x[:, :-1])
-        nll += float(F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum"))
-        count += x[:, 1:].numel()
-    sums = _all_reduce_sums({"nll": nll, "n": count}, device)
-    loss = sums["nll"] / max(sums["n"], 1.0)
-    return {
-        "val_loss": loss,
-        "val_ppl": math.exp(min(loss, 50.0)),
-        "val_bpb": loss / math.log(2) * tokens_per_byte,
-        "val_tokens": sums["n"],
-    }
+
+def _report(trainer: Trainer, spec: dict, metrics: dict[str, Any], rank: int) -> None:
+    """`ray.train.report` with a checkpoint written by rank 0 (every rank must call it)."""
+    import ray.train
+
+    trainer.check_finite()  # on every rank, so a NaN ends all of them at the same point
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = None
+        if rank == 0:
+            torch.save(trainer.state_dict(), Path(tmp) / STATE_FILE)
+            (Path(tmp) / SPEC_FILE).write_text(json.dumps(spec))
+            (Path(tmp) / "metrics.json").write_text(json.dumps(metrics))
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=checkpoint)
 
 
 def train_fn_per_worker(config: dict[str, Any]) -> None:
@@ -155,6 +115,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     "tracking_uri": str | None, "mlflow_run_id": str | None}."""
     import ray.train
     import ray.train.torch
+
+    from archlab.platform.runtime import choose_precision
 
     cfg = ArchlabConfig.model_validate(config["cfg"])
     data_info = config["data_info"]
@@ -164,154 +126,72 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     torch.manual_seed(cfg.train.seed)  # same init on every rank (DDP also broadcasts rank 0's)
 
     device = ray.train.torch.get_device()
-    from archlab.platform.runtime import choose_precision
-
     precision = choose_precision(cfg.train.precision, device)
-    autocast = (
-        torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-        if precision == "bf16"
-        else nullcontext()
-    )
     spec = model_spec(cfg, data_info)
     model = build_from_spec(spec)
     n_params = sum(p.numel() for p in model.parameters())
     model = ray.train.torch.prepare_model(model)
+    trainer = Trainer(model, cfg, device=device, precision=precision, total_steps=planned_steps(cfg, data_info),
+                      tokens_per_byte=float(data_info.get("tokens_per_byte", 1.0)))
 
-    opt = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr)
-    sched = (
-        torch.optim.lr_scheduler.ReduceLROnPlateau(
-            opt, mode="min", factor=cfg.train.plateau_factor, patience=cfg.train.plateau_patience
-        )
-        if cfg.train.scheduler == "plateau"
-        else None
-    )
-    if cfg.train.task == "vector":
-        from archlab.platform.losses import make_loss
-
-        loss_fn = make_loss(cfg.train.loss)
-    else:
-        loss_fn = None
-
-    start_epoch, step, train_time_total = 0, 0, 0.0
     restored = ray.train.get_checkpoint()
     if restored:
         with restored.as_directory() as d:
-            state = torch.load(Path(d) / STATE_FILE, map_location=device, weights_only=False)
-        _unwrap(model).load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        if sched is not None and state.get("scheduler"):
-            sched.load_state_dict(state["scheduler"])
-        start_epoch, step = state["epoch"] + 1, state["step"]
-        train_time_total = state.get("train_time_s", 0.0)
-        log.info("rank %d resumed from epoch %d (step %d)", rank, state["epoch"], step)
+            trainer.load_state_dict(load_state(d, device))
+        log.info("rank %d resumed at epoch %d, batch %d of it (step %d)", rank, trainer.epoch,
+                 trainer.batches_in_epoch, trainer.step)
 
-    client = None
+    buffer = None
     if rank == 0 and config.get("mlflow_run_id"):
         from mlflow.tracking import MlflowClient
 
-        client = MlflowClient(config["tracking_uri"])
-        _log_params_once(client, config["mlflow_run_id"], {
-            "precision": precision, "device": str(device.type), "world_size": world, "n_params": n_params,
-        })
+        from archlab.platform.mlflow_buffer import MlflowBuffer
+
+        buffer = MlflowBuffer(MlflowClient(config["tracking_uri"]), config["mlflow_run_id"])
+        buffer.log_params({"precision": precision, "device": str(device.type), "world_size": world,
+                           "n_params": n_params, "planned_steps": trainer.total_steps})
+
+    every = cfg.train.checkpoint_every_steps
+    fail_at = cfg.train.fail_once_at_step
+
+    def after_step(tr: Trainer) -> None:
+        if every and tr.step % every == 0:
+            _report(tr, spec, {MID_EPOCH: 1, "epoch": tr.epoch, "step": tr.step}, rank)
+        if tr.step == fail_at and not restored:
+            raise RuntimeError(f"injected failure after step {fail_at} (train.fail_once_at_step)")
 
     train_shard = ray.train.get_dataset_shard("train")
     valid_shard = ray.train.get_dataset_shard("valid")
-    accum = cfg.train.grad_accum
-    for epoch in range(start_epoch, cfg.train.epochs):
-        if cfg.train.fail_once_at_epoch == epoch and not restored:
-            # fault injection for restart tests: fails only on a run that did not resume
-            raise RuntimeError(f"injected failure at epoch {epoch} (train.fail_once_at_epoch)")
-        model.train()
-        t_epoch = time.perf_counter()
-        t_wait, n_samples, loss_sum, n_micro = 0.0, 0, 0.0, 0
-        batches = iter(train_shard.iter_torch_batches(
-            batch_size=cfg.train.batch_size,
-            local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
-            local_shuffle_seed=cfg.train.seed + epoch if cfg.data.shuffle_buffer else None,
-            drop_last=True,  # equal shards + equal batch counts: no DDP collective waits forever
-            prefetch_batches=2,  # keep windows ready while the step computes
-        ))
-        opt.zero_grad(set_to_none=True)
-        while True:
-            t0 = time.perf_counter()
-            batch = next(batches, None)
-            t_wait += time.perf_counter() - t0
-            if batch is None:
-                break
-            x = batch["x"].to(device)
-            last_micro = (n_micro + 1) % accum == 0
-            sync = nullcontext() if (last_micro or not hasattr(model, "no_sync")) else model.no_sync()
-            with sync:
-                with autocast:
-                    loss = _vector_loss(model, x, loss_fn) if loss_fn else _token_loss(model, x)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(
-                        f"non-finite training loss {loss.item()} at epoch {epoch}, step {step} "
-                        f"(arch={cfg.model.arch}, lr={opt.param_groups[0]['lr']:.3g})"
-                    )
-                (loss / accum).backward()
-            n_micro += 1
-            if last_micro:
-                if cfg.train.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                step += 1
-            loss_sum += float(loss.detach())
-            n_samples += x.shape[0]
-            if cfg.train.max_steps_per_epoch and n_micro >= cfg.train.max_steps_per_epoch * accum:
-                break
-        train_time = time.perf_counter() - t_epoch
-        train_time_total += train_time
-        metrics = evaluate(
-            _unwrap(model), valid_shard.iter_torch_batches(batch_size=256), cfg, loss_fn, device, autocast,
-            tokens_per_byte=float(data_info.get("tokens_per_byte", 1.0)),
-        )
-        totals = _all_reduce_sums({"samples": n_samples, "loss": loss_sum, "micro": n_micro, "wait": t_wait}, device)
-        metrics.update({
-            "epoch": epoch + 1,  # the platform's own step counter for ASHA (1-based)
-            "step": step,
-            "train_loss": totals["loss"] / max(totals["micro"], 1.0),
-            "samples_per_s": totals["samples"] / max(train_time, 1e-9),
-            "data_wait_frac": totals["wait"] / world / max(train_time, 1e-9),
-            "lr": opt.param_groups[0]["lr"],
-            "train_time_s": train_time_total,  # training only, summed over epochs and restarts
-        })
-        if sched is not None:
-            sched.step(metrics["val_loss"])
-        if client is not None:
-            _log_metrics(client, config["mlflow_run_id"], metrics, step=epoch + 1)
-
-        with tempfile.TemporaryDirectory() as tmp:
-            checkpoint = None
-            if rank == 0:
-                torch.save({
-                    "model": _unwrap(model).state_dict(),
-                    "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict() if sched is not None else None,
-                    "epoch": epoch,
-                    "step": step,
-                    "train_time_s": train_time_total,
-                }, Path(tmp) / STATE_FILE)
-                (Path(tmp) / SPEC_FILE).write_text(json.dumps(spec))
-                (Path(tmp) / "metrics.json").write_text(json.dumps(metrics))
-                checkpoint = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(metrics, checkpoint=checkpoint)
-
-
-def _log_params_once(client, run_id: str, params: dict[str, Any]) -> None:
-    run = client.get_run(run_id)
-    for k, v in params.items():
-        if k not in run.data.params:  # a restarted worker logs the same run again
-            client.log_param(run_id, k, v)
-
-
-def _log_metrics(client, run_id: str, metrics: dict[str, float], step: int) -> None:
-    from mlflow.entities import Metric
-
-    ts = int(time.time() * 1000)
-    batch = [Metric(k, float(v), ts, step) for k, v in metrics.items() if isinstance(v, (int, float))]
-    client.log_batch(run_id, metrics=batch)
+    try:
+        for epoch in range(trainer.epoch, cfg.train.epochs):
+            if cfg.train.fail_once_at_epoch == epoch and not restored:
+                # fault injection for restart tests: fails only on a run that did not resume
+                raise RuntimeError(f"injected failure at epoch {epoch} (train.fail_once_at_epoch)")
+            batches = train_shard.iter_torch_batches(
+                batch_size=cfg.train.batch_size,
+                local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
+                local_shuffle_seed=cfg.train.seed + epoch if cfg.data.shuffle_buffer else None,
+                drop_last=True,  # equal shards + equal batch counts: no DDP collective waits forever
+                prefetch_batches=2,  # keep windows ready while the step computes
+            )
+            metrics = trainer.train_epoch(batches, valid_shard.iter_torch_batches(batch_size=256),
+                                          on_step=after_step if every or fail_at >= 0 else None)
+            if buffer is not None:
+                buffer.log_metrics(metrics, step=epoch + 1)
+                # Tune may stop the trial at this report (ASHA: at once at max_t), so the last
+                # epoch's metrics are delivered first; earlier ones get a short, bounded wait
+                if epoch + 1 == cfg.train.epochs:
+                    buffer.close()
+                    buffer = None
+                else:
+                    buffer.flush(FLUSH_BEFORE_REPORT_S)
+            _report(trainer, spec, metrics, rank)
+    except BaseException:
+        if buffer is not None:  # the run failed: deliver what is queued, but do not hold the error long
+            buffer.close(timeout_s=60.0)
+        raise
+    if buffer is not None:
+        buffer.close()
 
 
 def fit_trainer(
@@ -327,9 +207,14 @@ def fit_trainer(
 ):
     """Run one TorchTrainer (layer 1 inside a Tune trial, or alone for `archlab train`).
 
-    `name` carries the trial id and never a timestamp: Ray resumes a run by its name."""
+    `name` carries the trial id and never a timestamp: Ray resumes a run by its name.
+    A plain TuneReportCallback among `callbacks` is replaced by TuneEpochReportCallback,
+    so mid-epoch checkpoint reports never reach Tune."""
     import ray.train
     from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    callbacks = [_tune_epoch_report_callback()() if type(cb) is TuneReportCallback else cb for cb in callbacks or []]
 
     use_gpu = cfg.train.use_gpu
     if use_gpu is None:
@@ -354,9 +239,34 @@ def fit_trainer(
             storage_path=storage,
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-            callbacks=callbacks or [],
+            callbacks=callbacks,
             worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": str(max(1, int(cfg.train.cpus_per_worker)))}},
         ),
         datasets=datasets,
     )
     return trainer.fit()
+
+
+@functools.lru_cache(maxsize=None)
+def _tune_epoch_report_callback():
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    class TuneEpochReportCallback(TuneReportCallback):
+        """TuneReportCallback for epoch-end reports only. A mid-epoch checkpoint report
+        (metrics with MID_EPOCH) has no evaluation: Tune's searcher (OptunaSearch reads the
+        metric from every result) and ASHA (time_attr epoch) must not see it; Train keeps
+        its checkpoint, and a restarted trial resumes from it through Train's own state."""
+
+        def after_report(self, run_context, metrics, checkpoint):
+            if metrics and metrics[0].get(MID_EPOCH):
+                return
+            super().after_report(run_context, metrics, checkpoint)
+
+    return TuneEpochReportCallback
+
+
+def __getattr__(name: str):
+    # ray.tune stays out of `import archlab.platform.train` (CLI start-up time)
+    if name == "TuneEpochReportCallback":
+        return _tune_epoch_report_callback()
+    raise AttributeError(name)

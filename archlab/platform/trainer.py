@@ -1,0 +1,522 @@
+"""A Ray-free Trainer: one step, one epoch, evaluation and the state dict, for any archlab
+model on either task. The Ray worker (train.py, `train_fn_per_worker`) only adapts Ray
+Data batches to it, reports and checkpoints; benchmarks and unit tests drive it directly
+over in-memory tensors.
+
+What it owns: the optimiser (AdamW, or schedule-free AdamW), the LR schedule with its
+warm-up, the task loss plus the model's auxiliary losses (archlab.architectures.aux),
+autocast, gradient accumulation (DDP `no_sync` on all but the last micro-batch) and
+clipping, and the position in the run (optimizer step, epoch, batches of the current
+epoch) so a checkpoint taken mid-epoch resumes where it stopped.
+
+Host syncs: a step reads nothing back from the device. Losses are summed on the device;
+the non-finite check records the first bad step on the device too and is read every
+`check_every` optimizer steps, before every checkpoint and at the epoch's end, so a NaN
+still raises FloatingPointError naming the step where it first appeared.
+
+Under torch.distributed (initialised by the caller) every sum is all-reduced over the
+workers before it becomes a metric, so metrics do not depend on the number of workers.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from contextlib import contextmanager, nullcontext
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+
+from archlab.architectures.aux import collect_aux_losses, collect_routing_stats, has_aux_losses, weighted_aux_total
+from archlab.platform.config import ArchlabConfig
+
+log = logging.getLogger("archlab")
+
+STATE_FORMAT = 2  # 1: the epoch-only checkpoints written before the Trainer (no "format" key)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+def all_reduce_sums(sums: dict[str, float], device) -> dict[str, float]:
+    """Sum metric sums over workers (each evaluated its own equal shard); identity when
+    torch.distributed is not initialised. Every rank must pass the same keys."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return sums
+    keys = sorted(sums)
+    t = torch.tensor([float(sums[k]) for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return dict(zip(keys, t.tolist()))
+
+
+def world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: parameters marked `_no_weight_decay` (SSM A/dt, decay rates; mamba's
+    convention) are never decayed, the rest get `weight_decay`."""
+    decay, keep = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (keep if getattr(p, "_no_weight_decay", False) else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if keep:
+        groups.append({"params": keep, "weight_decay": 0.0})
+    return groups
+
+
+def planned_steps(cfg: ArchlabConfig, data_info: dict[str, Any]) -> int:
+    """Optimizer steps the whole run is planned to take: epochs x steps per epoch, where
+    steps per epoch = train windows // workers // batch_size // grad_accum (each worker
+    gets an equal share and drops its last partial batch), capped by
+    train.max_steps_per_epoch. `data_info["train_windows"]` is counted on the driver from
+    the manifest (data.train_window_count: exact for vector windows at stride 1, an
+    estimate for other strides and packed tokens). 0 when unknown."""
+    t = cfg.train
+    per_epoch = 0
+    windows = int(data_info.get("train_windows") or 0)
+    if windows:
+        per_epoch = windows // t.num_workers // t.batch_size // t.grad_accum
+    if t.max_steps_per_epoch:
+        per_epoch = min(per_epoch, t.max_steps_per_epoch) if per_epoch else t.max_steps_per_epoch
+    return t.epochs * per_epoch
+
+
+def check_schedule(cfg: ArchlabConfig, data_info: dict[str, Any]) -> None:
+    """On the driver: a schedule that needs the run's length gets one longer than its
+    warm-up (the worker would refuse it only after Ray started)."""
+    from archlab.platform.config import ConfigError
+
+    t = cfg.train
+    if t.optimizer == "schedule_free" or not (t.scheduler == "cosine" or t.warmup_frac):
+        return
+    total = planned_steps(cfg, data_info)
+    warmup = t.warmup_steps or int(round(t.warmup_frac * total))
+    if total <= (warmup if t.scheduler == "cosine" else 0):
+        raise ConfigError(
+            f"train.scheduler={t.scheduler}, train.warmup_frac={t.warmup_frac}: the run's planned steps ({total} = "
+            f"train.epochs x train windows {data_info.get('train_windows')} // workers // batch_size // grad_accum, "
+            f"capped by train.max_steps_per_epoch) must exceed the warm-up ({warmup})"
+        )
+
+
+class LRSchedule:
+    """lr(step) = base_lr x warm-up(step) x shape(step) x plateau scale, set on every
+    parameter group before each optimizer step (step = steps already taken, 0-based).
+
+    warm-up: (step + 1) / warmup for step < warmup, else 1 (schedulefree's own rule).
+    shape: cosine = 0.5 (1 + cos(pi p)), p = (step - warmup) / (total - warmup) clipped to
+    [0, 1] (so lr is 0 from the planned last step on); else 1.
+    plateau: ReduceLROnPlateau's default rule on the epoch's val_loss (mode min, relative
+    threshold 1e-4, no cooldown): after `patience` epochs without improvement the scale is
+    multiplied by `factor`. Its state is plain numbers (checkpoints load weights_only).
+    """
+
+    def __init__(self, kind: str, base_lrs: list[float], *, warmup: int = 0, total: int = 0,
+                 factor: float = 0.5, patience: int = 3, apply_warmup: bool = True):
+        if kind == "cosine" and total <= warmup:
+            raise ValueError(
+                f"train.scheduler=cosine needs the planned number of steps ({total}) to exceed the warm-up "
+                f"({warmup}); set train.max_steps_per_epoch or give data_info['train_windows']"
+            )
+        self.kind, self.base_lrs = kind, list(base_lrs)
+        self.warmup = warmup if apply_warmup else 0
+        self.total, self.factor, self.patience = total, factor, patience
+        self.scale, self.best, self.bad_epochs = 1.0, math.inf, 0
+
+    def factor_at(self, step: int) -> float:
+        f = self.scale
+        if step < self.warmup:
+            f *= (step + 1) / self.warmup
+        if self.kind == "cosine":
+            p = min(max((step - self.warmup) / max(self.total - self.warmup, 1), 0.0), 1.0)
+            f *= 0.5 * (1.0 + math.cos(math.pi * p))
+        return f
+
+    def apply(self, optimizer: torch.optim.Optimizer, step: int) -> None:
+        f = self.factor_at(step)
+        for group, base in zip(optimizer.param_groups, self.base_lrs):
+            group["lr"] = base * f
+
+    def on_epoch_end(self, val_loss: float) -> None:
+        if self.kind != "plateau":
+            return
+        if val_loss < self.best * (1.0 - 1e-4):  # torch's rel threshold (inf * x stays inf)
+            self.best, self.bad_epochs = val_loss, 0
+        else:
+            self.bad_epochs += 1
+        if self.bad_epochs > self.patience:
+            self.scale *= self.factor
+            self.bad_epochs = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"scale": self.scale, "best": self.best, "bad_epochs": self.bad_epochs}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.scale, self.best, self.bad_epochs = float(state["scale"]), float(state["best"]), int(state["bad_epochs"])
+
+
+def make_optimizer(model: torch.nn.Module, cfg: ArchlabConfig, warmup: int) -> torch.optim.Optimizer:
+    t = cfg.train
+    groups = param_groups(model, t.weight_decay)
+    if t.optimizer == "schedule_free":
+        import schedulefree
+
+        # its own warm-up also weights the iterate average by lr (weight_lr_power), which a
+        # schedule set from outside would not
+        opt = schedulefree.AdamWScheduleFree(groups, lr=t.lr, warmup_steps=warmup)
+        opt.train()
+        return opt
+    return torch.optim.AdamW(groups, lr=t.lr)
+
+
+class Trainer:
+    """Train and evaluate one model. `model` may be DDP-wrapped (the Ray worker passes
+    `prepare_model`'s result); `batches` are dicts with "x" (as Ray Data gives them) or
+    plain tensors: vector x [B, context + 1, D] float, token x [B, seq_len + 1] int64.
+
+    `total_steps`: the run's planned optimizer steps (planned_steps), needed by cosine and
+    warmup_frac. `precision`: "fp32" or "bf16" (autocast), as runtime.choose_precision
+    decided."""
+
+    def __init__(self, model: torch.nn.Module, cfg: ArchlabConfig, *, device=None, precision: str = "fp32",
+                 total_steps: int = 0, tokens_per_byte: float = 1.0, check_every: int = 64):
+        t = cfg.train
+        self.cfg, self.model, self.module = cfg, model, unwrap(model)
+        self.device = device if device is not None else next(self.module.parameters()).device
+        self.task, self.accum, self.check_every = t.task, t.grad_accum, max(1, check_every)
+        self.tokens_per_byte = tokens_per_byte
+        self.precision = precision
+        self.autocast = (torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+                         if precision == "bf16" else nullcontext())
+        if self.task == "vector":
+            from archlab.platform.losses import make_loss
+
+            self.loss_fn = make_loss(t.loss)
+        self.total_steps = int(total_steps)
+        if t.warmup_frac and self.total_steps <= 0:
+            raise ValueError("train.warmup_frac needs the planned number of steps: set train.max_steps_per_epoch "
+                             "or give data_info['train_windows']")
+        self.warmup = t.warmup_steps or int(round(t.warmup_frac * self.total_steps))
+        self.schedule_free = t.optimizer == "schedule_free"
+        kind = t.scheduler
+        if kind == "none":
+            self.warmup = 0  # today's behaviour: the base lr from the first step
+        if self.schedule_free and kind in ("plateau", "cosine"):
+            log.warning("train.scheduler=%s ignored with train.optimizer=schedule_free: it has no schedule "
+                        "beyond its warm-up (%d steps)", kind, self.warmup)
+            kind = "constant"
+        self.optimizer = make_optimizer(self.model, cfg, self.warmup if self.schedule_free else 0)
+        self.schedule = LRSchedule(kind, [g["lr"] for g in self.optimizer.param_groups], warmup=self.warmup,
+                                   total=self.total_steps, factor=t.plateau_factor, patience=t.plateau_patience,
+                                   apply_warmup=not self.schedule_free)
+        self.has_aux = has_aux_losses(self.module)
+        self.step = 0  # optimizer steps taken
+        self.epoch = 0  # epochs completed
+        self.batches_in_epoch = 0  # micro-batches of the current epoch already trained
+        self.train_time_s = 0.0  # training only, summed over epochs and restarts
+        self._reset_epoch_sums()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    # ---- one step ----
+
+    def _reset_epoch_sums(self) -> None:
+        self._loss_sum = torch.zeros((), device=self.device)  # on the device: no per-step sync
+        self._aux_sums: dict[str, torch.Tensor] = {}
+        self._first_bad = torch.full((), -1, dtype=torch.long, device=self.device)
+        self._samples, self._wait_s, self._time_s = 0, 0.0, 0.0
+        self._t_start = None  # perf_counter at the start of a running epoch
+
+    @staticmethod
+    def _x(batch) -> torch.Tensor:
+        return batch["x"] if isinstance(batch, dict) else batch
+
+    def task_loss(self, model, x: torch.Tensor) -> torch.Tensor:
+        """Training loss at every position: x[:, 1:] predicted from x[:, :-1]."""
+        if self.task == "vector":
+            pred = model(x[:, :-1])  # (B, L-1, D), unit norm
+            return self.loss_fn(pred.float(), x[:, 1:].float())
+        logits = model(x[:, :-1])  # (B, L-1, V)
+        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
+
+    def train_step(self, batch) -> bool:
+        """Forward and backward one micro-batch; an optimizer step after every `grad_accum`
+        micro-batches. Returns True when an optimizer step was taken."""
+        x = self._x(batch).to(self.device, non_blocking=True)
+        last = (self.batches_in_epoch + 1) % self.accum == 0
+        sync = nullcontext() if last or not hasattr(self.model, "no_sync") else self.model.no_sync()
+        with sync:
+            with self.autocast:
+                loss = self.task_loss(self.model, x)
+                total = loss
+                if self.has_aux:
+                    aux = collect_aux_losses(self.module)
+                    extra = weighted_aux_total(aux)
+                    if extra is not None:
+                        total = loss + extra
+                    for name, (value, _) in aux.items():
+                        v = value.detach().float()
+                        self._aux_sums[name] = self._aux_sums[name] + v if name in self._aux_sums else v
+            (total / self.accum).backward()
+        total = total.detach()
+        self._loss_sum += loss.detach().float()
+        # the first micro-batch (counted over the run) whose loss was not finite, on the device
+        here = self.step * self.accum + self.batches_in_epoch % self.accum
+        self._first_bad = torch.where((self._first_bad < 0) & ~torch.isfinite(total),
+                                      torch.full_like(self._first_bad, here), self._first_bad)
+        self.batches_in_epoch += 1
+        self._samples += x.shape[0]
+        if not last:
+            return False
+        if self.cfg.train.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
+        self.schedule.apply(self.optimizer, self.step)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        if self.step % self.check_every == 0:
+            self.check_finite()
+        return True
+
+    def check_finite(self) -> None:
+        """Raise FloatingPointError if any training loss so far was NaN or inf (one host sync)."""
+        bad = int(self._first_bad)
+        if bad >= 0:
+            step = bad // self.accum
+            raise FloatingPointError(
+                f"non-finite training loss at step {step} (micro-batch {bad % self.accum} of {self.accum}), "
+                f"epoch {self.epoch} (arch={self.cfg.model.arch}, lr={self.lr():.3g})"
+            )
+
+    def running_loss(self) -> float:
+        """Mean training loss of the current epoch so far (one host sync: for progress lines)."""
+        return float(self._loss_sum) / max(self.batches_in_epoch, 1)
+
+    def epoch_time_s(self) -> float:
+        """Training time of the current epoch so far (a running epoch counts up to now)."""
+        return self._time_s + (time.perf_counter() - self._t_start if self._t_start is not None else 0.0)
+
+    def lr(self) -> float:
+        g = self.optimizer.param_groups[0]
+        return float(g.get("scheduled_lr") or g["lr"]) if self.schedule_free else float(g["lr"])
+
+    # ---- one epoch ----
+
+    def train_epoch(self, batches: Iterable, valid_batches: Iterable | None = None,
+                    on_step: Callable[["Trainer"], None] | None = None) -> dict[str, float]:
+        """One pass over `batches` (at most train.max_steps_per_epoch optimizer steps).
+
+        A Trainer restored mid-epoch first skips the batches that epoch already trained on
+        (`batches_in_epoch`): given the same batch order, the resumed run sees exactly the
+        batches the uninterrupted one would have. `on_step(trainer)` runs after every
+        optimizer step (the worker's mid-epoch checkpoints); its time is not training time.
+        With `valid_batches`, evaluates at the end and moves the plateau schedule.
+        Returns the epoch's metrics, summed over workers."""
+        self._train_mode()
+        it = iter(batches)
+        t0 = time.perf_counter()
+        for _ in range(self.batches_in_epoch):  # a mid-epoch resume: the data position
+            if next(it, None) is None:
+                break
+        self._wait_s += time.perf_counter() - t0
+        max_micro = self.cfg.train.max_steps_per_epoch * self.accum
+        t_start, t_outside = time.perf_counter(), 0.0
+        self._t_start = t_start
+        while not max_micro or self.batches_in_epoch < max_micro:
+            t0 = time.perf_counter()
+            batch = next(it, None)
+            self._wait_s += time.perf_counter() - t0
+            if batch is None:
+                break
+            if self.train_step(batch) and on_step is not None:
+                t0 = time.perf_counter()
+                on_step(self)
+                t_outside += time.perf_counter() - t0
+        # an accumulation left incomplete at the end is dropped, as before the Trainer
+        self.optimizer.zero_grad(set_to_none=True)
+        self._time_s += time.perf_counter() - t_start - t_outside
+        self._t_start = None
+        self.check_finite()
+        metrics = self._finish_epoch()
+        if valid_batches is not None:
+            metrics.update(self.evaluate(valid_batches))
+            self.schedule.on_epoch_end(metrics["val_loss"])
+        return metrics
+
+    def _finish_epoch(self) -> dict[str, float]:
+        sums = {"samples": float(self._samples), "loss": float(self._loss_sum),
+                "micro": float(self.batches_in_epoch), "wait": self._wait_s}
+        sums.update({f"aux.{k}": float(v) for k, v in self._aux_sums.items()})
+        route = collect_routing_stats(self.module)  # {} at the cost of a cached empty list
+        sums.update({f"route.{k}": v for k, v in route.items()})
+        world = world_size()
+        totals = all_reduce_sums(sums, self.device)
+        t = max(self._time_s, 1e-9)
+        self.train_time_s += self._time_s
+        self.epoch += 1
+        self.batches_in_epoch = 0
+        metrics = {
+            "epoch": self.epoch,  # the platform's own step counter for ASHA (1-based)
+            "step": self.step,
+            "train_loss": totals["loss"] / max(totals["micro"], 1.0),
+            "samples_per_s": totals["samples"] / t,
+            "data_wait_frac": totals["wait"] / world / t,
+            "lr": self.lr(),
+            "train_time_s": self.train_time_s,
+        }
+        # aux losses: epoch mean per micro-batch, unweighted; routing stats: mean over workers
+        metrics.update({f"aux_{k[4:]}": v / max(totals["micro"], 1.0) for k, v in totals.items() if k.startswith("aux.")})
+        metrics.update({f"route_{k[6:]}": v / world for k, v in totals.items() if k.startswith("route.")})
+        self._reset_epoch_sums()
+        return metrics
+
+    def _train_mode(self) -> None:
+        self.model.train()
+        if self.schedule_free:
+            self.optimizer.train()  # y, the point gradients are taken at (idempotent)
+
+    @contextmanager
+    def eval_weights(self):
+        """The weights to evaluate and checkpoint: schedule-free AdamW's averaged x (its docs
+        require optimizer.eval() for both), the plain weights otherwise; eval mode inside."""
+        was_training = self.model.training
+        self.model.eval()
+        if self.schedule_free:
+            self.optimizer.eval()
+        try:
+            yield self.module
+        finally:
+            if self.schedule_free and was_training:
+                self.optimizer.train()
+            self.model.train(was_training)
+
+    # ---- evaluation ----
+
+    @torch.no_grad()
+    def evaluate(self, batches: Iterable) -> dict[str, float]:
+        """Metrics over this worker's validation batches, summed over workers. Vector:
+        val_loss, val_cosine (every position), and the seed protocol (the full context ->
+        the next vector: val_cosine_seed, val_mse_seed, val_frac_cos_gt_<thr>_seed,
+        val_windows). Token: val_loss, val_ppl, val_bpb, val_tokens."""
+        with self.eval_weights() as model:
+            if self.task == "vector":
+                return self._evaluate_vector(model, batches)
+            return self._evaluate_token(model, batches)
+
+    def _evaluate_vector(self, model, batches) -> dict[str, float]:
+        from archlab.platform.metrics import VectorMetrics
+
+        every, seed = VectorMetrics(), VectorMetrics()
+        loss_sum, n = 0.0, 0
+        for batch in batches:
+            x = self._x(batch).to(self.device)
+            with self.autocast:
+                pred = model(x[:, :-1])  # (B, L-1, D)
+            pred = pred.float()
+            target = x[:, 1:]
+            d = pred.shape[-1]
+            every.update(pred.reshape(-1, d), target.reshape(-1, d))
+            # the seed protocol: the full context of `context` vectors -> the next one
+            seed.update(pred[:, -1], target[:, -1])
+            loss_sum += float(self.loss_fn(pred.reshape(-1, d), target.reshape(-1, d))) * x.shape[0]
+            n += x.shape[0]
+        sums = {f"every.{k}": v for k, v in every.sums().items()}
+        sums.update({f"seed.{k}": v for k, v in seed.sums().items()})
+        sums["loss_sum"], sums["loss_n"] = loss_sum, float(n)
+        sums = all_reduce_sums(sums, self.device)
+        ev = VectorMetrics.finalize({k[6:]: v for k, v in sums.items() if k.startswith("every.")})
+        sd = VectorMetrics.finalize({k[5:]: v for k, v in sums.items() if k.startswith("seed.")})
+        out = {"val_loss": sums["loss_sum"] / max(sums["loss_n"], 1.0), "val_cosine": ev["cosine"]}
+        out.update({"val_cosine_seed": sd["cosine"], "val_mse_seed": sd["mse"], "val_windows": sums["seed.n"]})
+        out.update({f"val_{k}_seed": v for k, v in sd.items() if k.startswith("frac_")})
+        return out
+
+    def _evaluate_token(self, model, batches) -> dict[str, float]:
+        nll = torch.zeros((), dtype=torch.float64, device=self.device)
+        count = 0
+        for batch in batches:
+            x = self._x(batch).to(self.device)
+            with self.autocast:
+                logits = model(x[:, :-1])  # (B, L-1, V)
+            nll += F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1),
+                                   reduction="sum").double()
+            count += x[:, 1:].numel()
+        sums = all_reduce_sums({"nll": float(nll), "n": float(count)}, self.device)
+        loss = sums["nll"] / max(sums["n"], 1.0)
+        return {
+            "val_loss": loss,
+            "val_ppl": math.exp(min(loss, 50.0)),
+            "val_bpb": loss / math.log(2) * self.tokens_per_byte,
+            "val_tokens": sums["n"],
+        }
+
+    # ---- state ----
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything to resume exactly: weights (schedule-free: the averaged x, as its docs
+        require), optimizer, schedule, RNG, and the position (step, epoch, batches of this
+        epoch with their partial sums). Tensors and plain Python values only, so
+        `torch.load(..., weights_only=True)` reads it."""
+        self.check_finite()  # never checkpoint weights a NaN has already reached
+        with self.eval_weights() as model:
+            # clone: after the block schedule-free swaps the same tensors back to y
+            weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            opt = self.optimizer.state_dict()
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available() and self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return {
+            "format": STATE_FORMAT,
+            "model": weights,
+            "optimizer": opt,
+            "schedule": self.schedule.state_dict(),
+            "rng": rng,
+            "step": self.step,
+            "epoch": self.epoch,  # epochs completed
+            "batches_in_epoch": self.batches_in_epoch,
+            "train_time_s": self.train_time_s,
+            "epoch_sums": {
+                "loss": float(self._loss_sum), "samples": self._samples, "wait_s": self._wait_s,
+                "time_s": self._time_s, "aux": {k: float(v) for k, v in self._aux_sums.items()},
+            },
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = int(state["step"])
+        self.train_time_s = float(state.get("train_time_s", 0.0))
+        if "format" not in state:  # written before the Trainer: at an epoch end, plateau state apart
+            self.epoch, self.batches_in_epoch = int(state["epoch"]) + 1, 0
+            if state.get("scheduler"):
+                old = state["scheduler"]
+                self.schedule.best, self.schedule.bad_epochs = float(old.get("best", math.inf)), int(old.get("num_bad_epochs", 0))
+                lrs = old.get("_last_lr") or []
+                if lrs and self.schedule.base_lrs[0]:
+                    self.schedule.scale = float(lrs[0]) / self.schedule.base_lrs[0]
+            self._reset_epoch_sums()
+        else:
+            self.schedule.load_state_dict(state["schedule"])
+            self.epoch, self.batches_in_epoch = int(state["epoch"]), int(state["batches_in_epoch"])
+            self._reset_epoch_sums()
+            sums = state.get("epoch_sums") or {}
+            self._loss_sum += float(sums.get("loss", 0.0))
+            self._samples = int(sums.get("samples", 0))
+            self._wait_s, self._time_s = float(sums.get("wait_s", 0.0)), float(sums.get("time_s", 0.0))
+            self._aux_sums = {k: torch.tensor(v, device=self.device) for k, v in (sums.get("aux") or {}).items()}
+            rng = state.get("rng") or {}
+            if "torch" in rng:
+                torch.set_rng_state(rng["torch"].cpu())
+            if "cuda" in rng and self.device.type == "cuda":
+                torch.cuda.set_rng_state(rng["cuda"].cpu(), self.device)
+        if self.schedule_free:
+            self.optimizer.train()  # the checkpoint holds x (eval mode); training continues at y
+        self.optimizer.zero_grad(set_to_none=True)
