@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from archlab.architectures import build_model, load_module, make_config
 from archlab.architectures.io import count_params
-from archlab.search_spaces import load_space
+from archlab.search_spaces import MODEL_SETTINGS, load_space
 
 ZOO1 = ("lstm", "gru_stack", "transformer", "amn")
 
@@ -197,8 +197,12 @@ def test_search_spaces_hold_the_seed_ranges_and_build():
     for name in ZOO1:
         for smoke, flavor in ((False, "seed"), (True, "debug")):
             space = load_space(name, smoke=smoke)
-            grid = {k[len("model."):]: v["choices"] for k, v in space.items() if k.startswith("model.")}
+            # model.head is a model setting (build_model's head=), not a Config field
+            grid = {k[len("model."):]: v["choices"] for k, v in space.items()
+                    if k.startswith("model.") and k not in MODEL_SETTINGS}
+            heads = space.get("model.head", {"choices": ["plain"]})["choices"]
             for values in itertools.product(*grid.values()):
                 cfg = make_config(name, flavor, dict(zip(grid, values)))
-                with torch.device("meta"):  # every grid point must build (e.g. heads divide width)
-                    build_model(name, "vector", cfg, d_in=384)
+                for head in heads:
+                    with torch.device("meta"):  # every grid point must build (e.g. heads divide width)
+                        build_model(name, "vector", cfg, d_in=384, head=head, context=5)

@@ -36,6 +36,10 @@ FLAVORS = {
 # exact parameter count of build_model("transformer", "vector", FLAVORS[f], d_in=768)
 PARAM_COUNTS = {"debug": 68096, "seed": 13659904}
 
+# longest sequence the model takes (the sinusoidal position table's length); the sweep driver refuses a longer
+# data.context / data.seq_len before any worker starts (registry contract)
+MAX_LENGTH_FIELD = "max_len"
+
 
 def sinusoidal_positions(max_len: int, d_model: int) -> torch.Tensor:
     pos = torch.arange(max_len, dtype=torch.float32).unsqueeze(1)
