@@ -336,17 +336,20 @@ def _load_trial_model(trial: dict[str, Any]):
     return model.eval()
 
 
-def _retrieval(model, windows: np.ndarray) -> float:
-    """Seed-protocol retrieval accuracy with the baselines' candidate set: every
-    validation window's target (archlab.platform.baselines.retrieval_candidates)."""
+def _vector_final(model, windows: np.ndarray) -> dict[str, float]:
+    """On the seed-protocol predictions of every validation window: retrieval accuracy
+    with the baselines' candidate set (every window's target, see
+    archlab.platform.baselines.retrieval_candidates) and the collapse check
+    `val_pred_self_cos` (mean cosine of the predictions to their own mean)."""
     import torch
 
-    from archlab.platform.metrics import retrieval_accuracy
+    from archlab.platform.metrics import prediction_self_cosine, retrieval_accuracy
 
     x = torch.as_tensor(windows).float()
     with torch.no_grad():
         pred = torch.cat([model(x[i: i + 512, :-1])[:, -1] for i in range(0, len(x), 512)])
-    return retrieval_accuracy(pred, x[:, -1], candidates=x[:, -1])
+    return {"retrieval_acc": retrieval_accuracy(pred, x[:, -1], candidates=x[:, -1]),
+            "val_pred_self_cos": prediction_self_cosine(pred)}
 
 
 def _latency_ms(model, windows: np.ndarray, task: str) -> float:
@@ -380,7 +383,7 @@ def finalize(job: Job, trials: list[dict[str, Any]], role_parent: str | None = N
         t["model_uri"] = tracking.log_model(job.uri, t["run_id"], t["model"], t["spec"], example)
         final = {"latency_ms": _latency_ms(t["model"], job.valid_windows, cfg.train.task)}
         if cfg.train.task == "vector":
-            final["retrieval_acc"] = _retrieval(t["model"], job.valid_windows)
+            final.update(_vector_final(t["model"], job.valid_windows))
         t["metrics"].update(final)
         tracking.log_metrics(tracking.client(job.uri), t["run_id"], final)
         score = t["metrics"].get(metric)
