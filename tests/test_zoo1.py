@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from archlab.architectures import build_model, load_module, make_config
 from archlab.architectures.io import count_params
-from archlab.search_spaces import load_space
+from archlab.search_spaces import MODEL_SETTINGS, load_space
 
 ZOO1 = ("lstm", "gru_stack", "transformer", "amn")
 
@@ -128,6 +128,39 @@ def test_transformer_positions_and_head():
         build_model("transformer", "vector", load_module("transformer").FLAVORS["debug"], d_in=8)(torch.randn(1, 1025, 8))
 
 
+def test_transformer_scale_input_is_new_and_saved_configs_rebuild_unscaled():
+    """The collapse fix (scale_input: projected input x sqrt(d_model) before the positions)
+    is in every flavor; a config saved before the field existed (no 'scale_input') and a
+    backbone pickled before it (no instance attribute) rebuild the unscaled model, with the
+    same parameters and state_dict keys."""
+    import dataclasses
+
+    from archlab.platform.train import build_from_spec
+
+    mod = load_module("transformer")
+    assert all(cfg.scale_input for cfg in mod.FLAVORS.values())
+    new = dataclasses.asdict(mod.FLAVORS["debug"])
+    old = {k: v for k, v in new.items() if k != "scale_input"}
+    spec = {"arch": "transformer", "task": "vector", "d_in": 8, "context": 5}
+    torch.manual_seed(0)
+    m_new = build_from_spec({**spec, "config": new}).eval()
+    torch.manual_seed(0)
+    m_old = build_from_spec({**spec, "config": old}).eval()
+    assert m_new.backbone.input_scale == pytest.approx(math.sqrt(32)) and m_old.backbone.input_scale == 1.0
+    assert list(m_new.state_dict()) == list(m_old.state_dict())
+    x = torch.randn(2, 5, 8)
+    with torch.no_grad():
+        y_old = m_old(x)
+        # unscaled = the pre-fix forward: drop(x + pe) into the encoder
+        h = m_old.in_proj(x) + m_old.backbone.pe[:5]
+        mask = torch.nn.Transformer.generate_square_subsequent_mask(5)
+        want = torch.nn.functional.normalize(m_old.head(m_old.backbone.encoder(h, mask=mask, is_causal=True)), dim=-1)
+        assert torch.allclose(y_old, want, atol=1e-6)
+        assert not torch.allclose(m_new(x), y_old, atol=1e-3)  # same weights, scaled input
+        del m_new.backbone.input_scale  # as a backbone unpickled from before the field
+        assert torch.allclose(m_new(x), y_old, atol=1e-6)
+
+
 # ------------------------------------------------------------------ AMN
 
 
@@ -197,8 +230,12 @@ def test_search_spaces_hold_the_seed_ranges_and_build():
     for name in ZOO1:
         for smoke, flavor in ((False, "seed"), (True, "debug")):
             space = load_space(name, smoke=smoke)
-            grid = {k[len("model."):]: v["choices"] for k, v in space.items() if k.startswith("model.")}
+            # model.head is a model setting (build_model's head=), not a Config field
+            grid = {k[len("model."):]: v["choices"] for k, v in space.items()
+                    if k.startswith("model.") and k not in MODEL_SETTINGS}
+            heads = space.get("model.head", {"choices": ["plain"]})["choices"]
             for values in itertools.product(*grid.values()):
                 cfg = make_config(name, flavor, dict(zip(grid, values)))
-                with torch.device("meta"):  # every grid point must build (e.g. heads divide width)
-                    build_model(name, "vector", cfg, d_in=384)
+                for head in heads:
+                    with torch.device("meta"):  # every grid point must build (e.g. heads divide width)
+                        build_model(name, "vector", cfg, d_in=384, head=head, context=5)

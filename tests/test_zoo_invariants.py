@@ -24,6 +24,12 @@ The invariants:
   and does change the output at t0 (the model reads its input);
 - step == forward, where the backbone has a step;
 - vector task: outputs are unit-norm, of shape [B, T, d_out];
+- vector task, head="residual": at initialisation the output equals the linear-average
+  baseline of the last `context` inputs at every position, causality still holds, and the
+  head adds no parameter (same state_dict keys as "plain"); architectures that build
+  their own baseline + residual (AMN) refuse it with the reason;
+- every vector architecture takes a 64-vector context (one training step) or declares
+  its limit in MAX_LENGTH_FIELD, and that limit is the one its forward enforces;
 - learning: a few dozen AdamW steps on a tiny learnable sequence cut the loss well down.
 """
 
@@ -113,9 +119,8 @@ def test_param_counts_match_documented(name):
         )
 
 
-@pytest.mark.parametrize("name,task", CASES)
-def test_causality(name, task):
-    model = _build(name, task).double().eval()
+def _check_causal(model, name: str, task: str) -> None:
+    model = model.double().eval()
     B, T, t0 = 2, 12, 7
     g = torch.Generator().manual_seed(1)
     x = _inputs(task, B, T, g)
@@ -133,6 +138,11 @@ def test_causality(name, task):
     # rounding error of ~1e-8 across positions; a real leak is orders of magnitude larger
     assert past <= 1e-6, f"{name}/{task}: changing inputs at t>={t0} changed outputs at t<{t0} by {past:.3g}"
     assert now > 1e-6, f"{name}/{task}: output at t={t0} ignores its own input (changed by {now:.3g})"
+
+
+@pytest.mark.parametrize("name,task", CASES)
+def test_causality(name, task):
+    _check_causal(_build(name, task), name, task)
 
 
 def _backbone_with_step(name: str):
@@ -228,3 +238,131 @@ def test_loss_decreases_on_learnable_sequence(name, task):
         opt.step()
     after = evaluate()
     assert after < 0.5 * before, f"{name}/{task}: loss {before:.4f} -> {after:.4f} after 40 steps (expected < half)"
+
+
+# ------------------------------------------------------------------ residual head
+
+
+def _residual_or_refusal(name: str, context: int):
+    """(model, None), or (None, the refusal) for architectures that refuse head='residual'."""
+    from archlab.architectures.io import residual_refusal
+
+    mod = _module(name)
+    refusal = residual_refusal(mod)
+    if refusal:
+        with pytest.raises(ValueError, match="model.head='residual': " + name):
+            build_model(name, "vector", mod.FLAVORS["debug"], d_in=D_IN, head="residual", context=context)
+        return None, refusal
+    return build_model(name, "vector", mod.FLAVORS["debug"], d_in=D_IN, head="residual", context=context), None
+
+
+def _linear_average_at_every_position(x: torch.Tensor, context: int) -> torch.Tensor:
+    """The baseline module's linear average, [B, T, D]: for t >= context - 1 the mean of
+    the window archlab.platform.baselines.windows cuts (its context vectors), before that
+    the mean of the prefix (a window can only be that long there); L2-normalised."""
+    import numpy as np
+
+    from archlab.platform.baselines import windows
+
+    B, T, D = x.shape
+    out = np.zeros((B, T, D), dtype=np.float64)
+    for b in range(B):
+        doc = x[b].double().numpy()
+        for t in range(min(context - 1, T)):
+            out[b, t] = doc[: t + 1].mean(axis=0)
+        if T >= context:
+            # windows of context + 1: doc gets one more (dummy) vector so the last
+            # position's window exists; window i ends at t = i + context - 1
+            ctx, _ = windows([np.concatenate([doc, doc[-1:]])], context)
+            out[b, context - 1:] = ctx.mean(axis=1)
+    out /= np.linalg.norm(out, axis=-1, keepdims=True)
+    return torch.from_numpy(out)
+
+
+@pytest.mark.parametrize("name", VECTOR_ARCHS)
+@pytest.mark.parametrize("context", [5, 16])
+def test_residual_head_starts_at_the_linear_average(name, context):
+    model, refusal = _residual_or_refusal(name, context)
+    if model is None:
+        pytest.skip(f"{name} refuses head='residual': {refusal}")
+    model.eval()
+    B, T = 2, 12  # context 16 > T: the whole prefix at every position
+    x = torch.nn.functional.normalize(torch.randn(B, T, D_IN, generator=torch.Generator().manual_seed(4)), dim=-1)
+    with torch.no_grad():
+        y = model(x)
+    ref = _linear_average_at_every_position(x, context)
+    err = (y.double() - ref).abs().max().item()
+    assert err <= 1e-6, f"{name}: residual head at init differs from the linear average (context {context}) by {err:.3g}"
+
+
+@pytest.mark.parametrize("name", VECTOR_ARCHS)
+def test_residual_head_is_causal_and_adds_no_parameters(name):
+    model, refusal = _residual_or_refusal(name, 5)
+    if model is None:
+        pytest.skip(f"{name} refuses head='residual': {refusal}")
+    torch.manual_seed(0)
+    plain = _build(name, "vector")
+    assert list(model.state_dict()) == list(plain.state_dict()), f"{name}: residual head changed the state_dict keys"
+    assert count_params(model) == count_params(plain)
+    # trained a little, so the correction g(h) is non-zero and the backbone is in play
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    x = torch.nn.functional.normalize(torch.randn(2, 9, D_IN), dim=-1)
+    for _ in range(3):
+        opt.zero_grad()
+        (1 - (model(x[:, :-1]) * x[:, 1:]).sum(-1)).mean().backward()
+        opt.step()
+    _check_causal(model, name, "vector")
+
+
+@pytest.mark.parametrize("name", VECTOR_ARCHS)
+def test_plain_head_is_the_default_model(name):
+    # head="plain" (with a context) builds the same model from the same seed, bit for bit
+    cfg = _module(name).FLAVORS["debug"]
+    torch.manual_seed(5)
+    default = build_model(name, "vector", cfg, d_in=D_IN).eval()
+    torch.manual_seed(5)
+    plain = build_model(name, "vector", cfg, d_in=D_IN, head="plain", context=5).eval()
+    for (k, a), (_, b) in zip(default.state_dict().items(), plain.state_dict().items()):
+        assert torch.equal(a, b), f"{name}: head='plain' changed {k}"
+    x = torch.randn(2, 7, D_IN)
+    with torch.no_grad():
+        assert torch.equal(default(x), plain(x)), f"{name}: head='plain' changed the output"
+
+
+# ------------------------------------------------------------------ longer context
+
+
+@pytest.mark.parametrize("name", VECTOR_ARCHS)
+def test_context_64_trains_or_is_a_declared_limit(name):
+    """A 64-vector context (the issue's floor for data.context) runs one training step at
+    debug size, with either head; an architecture with a fixed maximum length declares
+    the field (MAX_LENGTH_FIELD), and its forward refuses one position more than it."""
+    from archlab.architectures import make_config
+    from archlab.architectures.io import residual_refusal
+    from archlab.platform.losses import make_loss
+
+    mod = _module(name)
+    context = 64
+    field = getattr(mod, "MAX_LENGTH_FIELD", None)
+    if field:
+        small = make_config(name, "debug", {field: 8})
+        model = build_model(name, "vector", small, d_in=D_IN).eval()
+        with torch.no_grad():
+            model(torch.randn(1, 8, D_IN))
+            with pytest.raises(ValueError, match=field):
+                model(torch.randn(1, 9, D_IN))
+        assert getattr(mod.FLAVORS["debug"], field) >= context, f"{name}: debug {field} below {context}"
+    heads = ["plain"] + ([] if residual_refusal(mod) else ["residual"])
+    loss_fn = make_loss("mse")
+    for head in heads:
+        torch.manual_seed(0)
+        model = build_model(name, "vector", mod.FLAVORS["debug"], d_in=D_IN, head=head, context=context)
+        x = torch.nn.functional.normalize(torch.randn(2, context + 1, D_IN), dim=-1)  # one window
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        loss = loss_fn(model(x[:, :-1]), x[:, 1:])
+        loss.backward()
+        opt.step()
+        assert torch.isfinite(loss), f"{name}/{head}: non-finite loss at context {context}"
+        with torch.no_grad():
+            y = model(x[:, :-1])
+        assert y.shape == (2, context, D_IN) and torch.isfinite(y).all(), f"{name}/{head}: bad output at context {context}"

@@ -43,6 +43,10 @@ FLAVORS = {
 # exact parameter count of build_model("gpt2", "vector", FLAVORS[f], d_in=768)
 PARAM_COUNTS = {"debug": 108192, "seed": 44496384}
 
+# longest sequence the model takes (the learned position table's length); the sweep driver refuses a longer
+# data.context / data.seq_len before any worker starts (registry contract)
+MAX_LENGTH_FIELD = "max_len"
+
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: Config):

@@ -53,6 +53,10 @@ FLAVORS = {
 # exact count of build_model("hyena", "vector", FLAVORS[f], d_in=768); tests check it
 PARAM_COUNTS = {"debug": 70336, "seed": 13706112}
 
+# longest sequence the model takes (the implicit filters are defined on positions < max_len); the sweep driver refuses a longer
+# data.context / data.seq_len before any worker starts (registry contract)
+MAX_LENGTH_FIELD = "max_len"
+
 KERNELS = ("fft", "direct")
 
 

@@ -56,6 +56,10 @@ FLAVORS = {
 # exact parameter count of build_model("linformer", "vector", FLAVORS[f], d_in=768)
 PARAM_COUNTS = {"debug": 140960, "seed": 14971136}
 
+# longest sequence the model takes (the E/F projections' and the learned positions' length); the sweep driver refuses a longer
+# data.context / data.seq_len before any worker starts (registry contract)
+MAX_LENGTH_FIELD = "max_len"
+
 
 class CausalLinformerAttention(HeadsAttention):
     def __init__(self, cfg: Config):

@@ -64,6 +64,10 @@ FLAVORS = {
 # exact parameter count of build_model("performer", "vector", FLAVORS[f], d_in=768)
 PARAM_COUNTS = {"debug": 108192, "seed": 13922560}
 
+# longest sequence the model takes (the learned position table's length); the sweep driver refuses a longer
+# data.context / data.seq_len before any worker starts (registry contract)
+MAX_LENGTH_FIELD = "max_len"
+
 
 def orthogonal_gaussian_features(m: int, d: int, seed: int) -> torch.Tensor:
     """W [m, d]: rows orthogonal within each block of d, row norms distributed as |N(0, I_d)|."""

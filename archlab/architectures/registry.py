@@ -21,7 +21,14 @@ Module contract (every `architectures/<name>.py`):
 - optional `build_head(config, d_model, d_out) -> nn.Module`: replaces the default
   Linear(d_model -> d_out) vector head (e.g. the seed Transformer's MLP head).
 - optional `build_vector_model(config, d_in, d_out) -> nn.Module`: the whole vector model
-  for architectures that are not backbone + head (AMN); it returns [B, T, d_out].
+  for architectures that are not backbone + head (AMN); it returns [B, T, d_out]. Such a
+  model refuses `head="residual"` (AMN already is baseline + residual).
+- optional `MAX_LENGTH_FIELD = "<Config field>"`: the field holding the longest sequence
+  the model can take (learned positions, a fixed projection); the sweep driver refuses a
+  `data.context` / `data.seq_len` above it before any worker starts.
+
+Every vector model takes `head="plain" | "residual"` (io.VectorModel): the residual head
+adds the linear-average baseline of the last `context` inputs to the head's output.
 """
 
 from __future__ import annotations
@@ -136,8 +143,13 @@ def build_model(
     d_in: int | None = None,
     d_out: int | None = None,
     vocab_size: int | None = None,
+    head: str = "plain",
+    context: int | None = None,
 ):
-    """Backbone + task IO for `task` ("vector" or "token"); see archlab.architectures.io."""
+    """Backbone + task IO for `task` ("vector" or "token"); see archlab.architectures.io.
+
+    `head` ("plain" | "residual") and `context` (the residual head's baseline window, the
+    data's `data.context`) are vector-task settings; the token task refuses "residual"."""
     spec = get_spec(name)
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, found {task!r}")
@@ -151,7 +163,9 @@ def build_model(
     if task == "vector":
         if d_in is None:
             raise ValueError("vector task needs d_in")
-        return io.VectorModel(mod, config, d_in=d_in, d_out=d_out or d_in)
+        return io.VectorModel(mod, config, d_in=d_in, d_out=d_out or d_in, head=head, context=context)
+    if head != "plain":
+        raise ValueError(f"model.head={head!r} is a vector-task head; the token task has only 'plain'")
     if vocab_size is None:
         raise ValueError("token task needs vocab_size")
     return io.TokenModel(mod, config, vocab_size=vocab_size)

@@ -1,4 +1,5 @@
-"""Causal Transformer, the seed recipe: Linear(d_in -> d_model), sinusoidal positions,
+"""Causal Transformer, the seed recipe: Linear(d_in -> d_model) scaled by sqrt(d_model)
+(`scale_input`; see Config), sinusoidal positions,
 pre-built `nn.TransformerEncoder` layers (post-norm, ReLU) with a causal mask, MLP head
 d_model -> d_model -> d_out. `step()` decodes one position with a key/value cache and
 equals the parallel forward in eval mode.
@@ -26,15 +27,27 @@ class Config:
     d_ff: int = 2048
     dropout: float = 0.1
     max_len: int = 4096
+    # Multiply the projected input by sqrt(d_model) before adding the sinusoidal positions
+    # (Vaswani et al. 2017, sec. 3.4). Without it a unit-norm vector through the default
+    # Linear init has entries ~0.03 against the positions' ~0.7: every window looks nearly
+    # the same to the encoder, and the seed recipe trains it to the global mean vector
+    # (measured: benchmarks/transformer_collapse.py, RESULTS.md). The field's default is
+    # False so configs saved before it existed rebuild the same model; the flavors, which
+    # every new config starts from, set True.
+    scale_input: bool = False
 
 
 FLAVORS = {
-    "debug": Config(d_model=32, n_layers=2, n_heads=4, d_ff=64, dropout=0.0, max_len=1024),
-    "seed": Config(d_model=512, n_layers=4, n_heads=8, d_ff=2048, dropout=0.1),
+    "debug": Config(d_model=32, n_layers=2, n_heads=4, d_ff=64, dropout=0.0, max_len=1024, scale_input=True),
+    "seed": Config(d_model=512, n_layers=4, n_heads=8, d_ff=2048, dropout=0.1, scale_input=True),
 }
 
 # exact parameter count of build_model("transformer", "vector", FLAVORS[f], d_in=768)
 PARAM_COUNTS = {"debug": 68096, "seed": 13659904}
+
+# longest sequence the model takes (the sinusoidal position table's length); the sweep driver refuses a longer
+# data.context / data.seq_len before any worker starts (registry contract)
+MAX_LENGTH_FIELD = "max_len"
 
 
 def sinusoidal_positions(max_len: int, d_model: int) -> torch.Tensor:
@@ -47,6 +60,9 @@ def sinusoidal_positions(max_len: int, d_model: int) -> torch.Tensor:
 
 
 class TransformerBackbone(nn.Module):
+    # class-level default: backbones pickled before scale_input existed run unscaled
+    input_scale = 1.0
+
     def __init__(self, config: Config, d_input: int):
         super().__init__()
         if d_input != config.d_model:
@@ -55,6 +71,7 @@ class TransformerBackbone(nn.Module):
             raise ValueError(f"model.d_model={config.d_model} is not divisible by model.n_heads={config.n_heads}")
         self.d_model = config.d_model
         self.max_len = config.max_len
+        self.input_scale = math.sqrt(config.d_model) if config.scale_input else 1.0
         self.register_buffer("pe", sinusoidal_positions(config.max_len, config.d_model), persistent=False)
         layer = nn.TransformerEncoderLayer(
             config.d_model, config.n_heads, config.d_ff, config.dropout, batch_first=True
@@ -67,7 +84,7 @@ class TransformerBackbone(nn.Module):
         if T > self.max_len:
             raise ValueError(f"sequence length {T} exceeds model.max_len={self.max_len}")
         mask = nn.Transformer.generate_square_subsequent_mask(T, device=x.device, dtype=x.dtype)
-        h = self.drop(x + self.pe[:T].to(x.dtype))
+        h = self.drop(x * self.input_scale + self.pe[:T].to(x.dtype))
         return self.encoder(h, mask=mask, is_causal=True)
 
 
@@ -82,7 +99,7 @@ class TransformerBackbone(nn.Module):
         t = state["t"]
         if t >= self.max_len:
             raise ValueError(f"step: position {t} exceeds model.max_len={self.max_len}")
-        h = x_t + self.pe[t].to(x_t.dtype)
+        h = x_t * self.input_scale + self.pe[t].to(x_t.dtype)
         new_k, new_v = [], []
         for i, layer in enumerate(self.encoder.layers):
             attn = layer.self_attn

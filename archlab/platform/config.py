@@ -4,7 +4,8 @@
 
 Every field has a default, so an empty file (or none) is a valid config that trains on the
 shipped sample. `model.<anything else>` is an architecture field and lands in
-`model.params` (validated against that architecture's Config when the model is built).
+`model.params` (validated against that architecture's Config when the model is built);
+`model.head` (plain | residual) is a model setting of every architecture, not a params field.
 The resolved config round-trips through JSON: it goes into Tune, Optuna and MLflow as data.
 """
 
@@ -61,6 +62,9 @@ class ModelConfig(BaseModel):
     model_config = ConfigDict(extra="allow")  # extras are architecture fields -> params
     arch: str = "lstm"
     flavor: str = "debug"
+    # vector task: "residual" predicts normalize(linear-average baseline of the last
+    # data.context inputs + a zero-initialised head's correction); see architectures/io.py
+    head: Literal["plain", "residual"] = "plain"
     params: dict[str, Any] = Field(default_factory=dict)
 
     def arch_overrides(self) -> dict[str, Any]:

@@ -1,5 +1,8 @@
 """Leaderboards, read back from MLflow: the best trial per architecture next to the
-baselines computed on the same validation windows (logged on the sweep's parent run)."""
+baselines computed on the same validation windows (logged on the sweep's parent run).
+
+Vector models whose predictions are nearly one vector (`val_pred_self_cos`, logged by the
+sweep's finalize, above COLLAPSE_THRESHOLD) carry the flag `collapsed`."""
 
 from __future__ import annotations
 
@@ -7,9 +10,14 @@ from typing import Any
 
 from archlab.platform import tracking
 
+# a vector model whose predictions' mean cosine to their own mean
+# (metrics.prediction_self_cosine) is above this predicts nearly one vector whatever the
+# context: flagged "collapsed". Here, not in metrics.py, so the leaderboard stays torch-free.
+COLLAPSE_THRESHOLD = 0.98
+
 COLUMNS = {
     "vector": ["val_cosine_seed", "val_cosine", "val_mse_seed", "val_frac_cos_gt_0.5_seed",
-               "retrieval_acc", "samples_per_s", "train_time_s", "latency_ms"],
+               "retrieval_acc", "val_pred_self_cos", "samples_per_s", "train_time_s", "latency_ms"],
     "token": ["val_loss", "val_bpb", "val_ppl", "samples_per_s", "train_time_s", "latency_ms"],
 }
 
@@ -51,12 +59,12 @@ def leaderboard(uri: str, experiment_id: str, parent_id: str, metric: str, mode:
         rows.append({"entry": arch, "kind": "model", "run": run.info.run_name,
                      "params": run.data.params.get("n_params", ""),
                      "precision": run.data.params.get("precision", ""),
-                     **{k: m.get(k) for k in COLUMNS[task]}})
+                     "flag": _flag(m, task), **{k: m.get(k) for k in COLUMNS[task]}})
     baseline_metric = "cosine" if task == "vector" else "val_loss"
     for key, value in parent.data.metrics.items():
         if key.startswith("baseline.") and key.endswith("." + baseline_metric):
             name = key[len("baseline."):-len("." + baseline_metric)]
-            row = {"entry": name, "kind": "baseline", "run": "", "params": "", "precision": ""}
+            row = {"entry": name, "kind": "baseline", "run": "", "params": "", "precision": "", "flag": ""}
             if task == "vector":
                 row.update({"val_cosine_seed": value, "val_mse_seed": parent.data.metrics.get(f"baseline.{name}.mse"),
                             "retrieval_acc": parent.data.metrics.get(f"baseline.{name}.retrieval_acc"),
@@ -66,8 +74,16 @@ def leaderboard(uri: str, experiment_id: str, parent_id: str, metric: str, mode:
             rows.append(row)
     rows.sort(key=lambda r: (r.get(metric) is None, -(r.get(metric) or 0) if mode == "max" else (r.get(metric) or 0)))
     cols = ["entry", "kind", *COLUMNS[task], "params", "precision", "run"]
+    if task == "vector":
+        cols.insert(2, "flag")
     return {"rows": rows, "columns": cols, "metric": metric, "mode": mode,
             "sweep_id": parent.data.tags.get(tracking.TAG_SWEEP), "markdown": to_markdown(rows, cols)}
+
+
+def _flag(metrics: dict[str, float], task: str) -> str:
+    """"collapsed" for a vector model predicting nearly one vector whatever the context."""
+    self_cos = metrics.get("val_pred_self_cos")
+    return "collapsed" if task == "vector" and self_cos is not None and self_cos > COLLAPSE_THRESHOLD else ""
 
 
 def _fmt(v) -> str:
@@ -92,7 +108,7 @@ def render(board: dict[str, Any], console=None) -> None:
     console = console or Console(width=max(160, Console().width))
     table = Table(title=f"leaderboard {board.get('sweep_id') or ''} ({board['metric']}, {board['mode']})")
     for col in board["columns"]:
-        table.add_column(col, justify="left" if col in ("entry", "kind", "run", "precision") else "right",
+        table.add_column(col, justify="left" if col in ("entry", "kind", "flag", "run", "precision") else "right",
                          no_wrap=col == "entry", min_width=17 if col == "entry" else None)
     for r in board["rows"]:
         style = "dim" if r["kind"] == "baseline" else None

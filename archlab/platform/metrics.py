@@ -7,6 +7,11 @@ means: the result is the same whatever the number of workers.
 `retrieval_accuracy` is the stand-in for the seed's "vec2text accuracy": a prediction
 counts as right when the true next vector is its nearest neighbour (by cosine) among a
 candidate set.
+
+`prediction_self_cosine` is the collapse check: the mean cosine of a set of predictions to
+their own mean. A model that predicts (nearly) one vector for every context scores ~1
+(the seed-recipe transformer that learned the global mean vector scored 1.000 on the
+sample); real predictors sit well below (the leaderboard's COLLAPSE_THRESHOLD flags > 0.98).
 """
 
 from __future__ import annotations
@@ -110,6 +115,17 @@ def retrieval_accuracy(pred: torch.Tensor, target: torch.Tensor, candidates: tor
     if pred.shape[0] == 0:
         raise ValueError("retrieval: no predictions")
     return float(retrieval_hits(pred, target, candidates).double().mean())
+
+
+@torch.no_grad()
+def prediction_self_cosine(pred: torch.Tensor) -> float:
+    """Mean cosine of predictions [N, D] to their own mean direction (the mean of the
+    unit-normalised rows): 1.0 when every row points the same way, ~0 for unrelated rows."""
+    if pred.dim() != 2 or pred.shape[0] == 0:
+        raise ValueError(f"self-cosine: expected predictions [N, D] with N >= 1, found {list(pred.shape)}")
+    p = F.normalize(pred.detach().double(), dim=-1, eps=1e-12)  # (N, D)
+    centre = F.normalize(p.mean(dim=0), dim=-1, eps=1e-12)  # (D,)
+    return float((p @ centre).mean())
 
 
 @torch.no_grad()

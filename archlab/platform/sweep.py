@@ -22,6 +22,7 @@ import numpy as np
 from archlab.platform import tracking
 from archlab.platform.config import ArchlabConfig, ConfigError
 from archlab.platform.data import DatasetInfo
+from archlab.search_spaces import MODEL_SETTINGS
 
 log = logging.getLogger("archlab")
 
@@ -43,22 +44,63 @@ class Job:
 
 def check_archs(cfg: ArchlabConfig, archs: list[str], smoke: bool) -> None:
     """Unknown names list the known ones; each arch supports the task, its search space
-    loads, and its flavor builds with the overrides (a bad field names itself)."""
-    from archlab.architectures import get_spec, make_config
+    loads, and its flavor builds with the overrides (a bad field names itself); every head
+    the arch can get (model.head, its space's choices) is one it takes, and the sequence
+    length the data gives it fits its maximum length field (MAX_LENGTH_FIELD)."""
+    from archlab.architectures import get_spec, load_module, make_config
+    from archlab.architectures.io import HEADS, residual_refusal
     from archlab.search_spaces import load_space
 
+    task = cfg.train.task
+    if task == "token" and cfg.model.head != "plain":
+        raise ConfigError(
+            f"model.head={cfg.model.head!r}: the residual head adds the linear-average baseline of the "
+            "context vectors, a vector-task head; train.task='token' takes only model.head=plain"
+        )
     for arch in cfg.sweep.space_overrides:
         if arch not in archs:
             raise ConfigError(f"sweep.space_overrides.{arch}: not one of sweep.archs ({', '.join(archs)})")
     for arch in archs:
         spec = get_spec(arch)
-        if cfg.train.task not in spec.tasks:
+        if task not in spec.tasks:
             raise ConfigError(
-                f"sweep.archs: {arch!r} supports task(s) {', '.join(spec.tasks)}, not train.task={cfg.train.task!r}"
+                f"sweep.archs: {arch!r} supports task(s) {', '.join(spec.tasks)}, not train.task={task!r}"
             )
-        load_space(arch, smoke=smoke, overrides=cfg.sweep.space_overrides.get(arch))
+        space = load_space(arch, smoke=smoke, overrides=cfg.sweep.space_overrides.get(arch), task=task)
         overrides = cfg.model.arch_overrides() if arch == cfg.model.arch else {}
-        make_config(arch, cfg.model.flavor, overrides)
+        arch_cfg = make_config(arch, cfg.model.flavor, overrides)
+        mod = load_module(arch)
+        head_choices = space.get("model.head", {}).get("choices", [])
+        bad = [h for h in head_choices if h not in HEADS]
+        if bad:
+            raise ConfigError(f"search space of {arch}: model.head choices must be in {', '.join(HEADS)}, found {bad}")
+        refusal = residual_refusal(mod) if task == "vector" else None
+        if refusal and "residual" in {cfg.model.head, *head_choices}:
+            where = "model.head" if cfg.model.head == "residual" else f"the search space of {arch} (model.head)"
+            raise ConfigError(f"{where}: 'residual' is not available for {arch!r}: {refusal}")
+        _check_max_length(cfg, arch, mod, arch_cfg, space)
+
+
+def _check_max_length(cfg: ArchlabConfig, arch: str, mod, arch_cfg, space: dict) -> None:
+    """A model with a fixed maximum length (learned positions, a fixed projection) must
+    take the windows the data cuts: data.context vectors (vector) / data.seq_len tokens."""
+    field = getattr(mod, "MAX_LENGTH_FIELD", None)
+    if not field:
+        return
+    need, need_name = (cfg.data.context, "data.context") if cfg.train.task == "vector" else (cfg.data.seq_len, "data.seq_len")
+    entry = space.get(f"model.{field}")
+    if entry is None:
+        found, src = getattr(arch_cfg, field), f"model.{field}"
+    else:  # every value the sweep can sample must fit
+        found = min(entry["choices"]) if "choices" in entry else entry["low"]
+        src = f"the search space of {arch} (model.{field})"
+    if found < need:
+        how = (f"--set model.{field}={need}" if arch == cfg.model.arch and entry is None
+               else f"sweep.space_overrides.{arch}.model.{field}: {{choices: [{need}]}}")
+        raise ConfigError(
+            f"{need_name}={need}: {arch!r} ({cfg.model.flavor} flavor) takes at most {found} positions "
+            f"({src}); raise it ({how}) or shorten {need_name}"
+        )
 
 
 def prepare_job(cfg: ArchlabConfig) -> Job:
@@ -115,26 +157,30 @@ def trial_cfg(base: dict[str, Any], trial_config: dict[str, Any]) -> ArchlabConf
     d = copy.deepcopy(base)
     d["model"]["arch"] = arch
     if arch != base["model"]["arch"]:
-        # overrides in the base config belong to the base arch only
-        d["model"] = {"arch": arch, "flavor": base["model"]["flavor"], "params": {}}
+        # overrides in the base config belong to the base arch only; flavor and head are
+        # model settings of the whole sweep
+        d["model"] = {"arch": arch, "flavor": base["model"]["flavor"],
+                      "head": base["model"].get("head", "plain"), "params": {}}
     for key, value in trial_config.items():
         if not key.startswith(arch + "."):
             continue
         section, name = key[len(arch) + 1:].split(".", 1)
-        if section == "model":
+        if f"{section}.{name}" in MODEL_SETTINGS:
+            d["model"][name] = value  # e.g. model.head: a ModelConfig field, not an arch field
+        elif section == "model":
             d["model"].setdefault("params", {})[name] = value
         else:
             d[section][name] = value
     return ArchlabConfig.model_validate(d)
 
 
-def define_space(trial, archs: list[str], smoke: bool, overrides: dict) -> None:
+def define_space(trial, archs: list[str], smoke: bool, overrides: dict, task: str | None = None) -> None:
     """Optuna define-by-run space: first the architecture, then that architecture's own
     parameters (names prefixed by the arch, so TPE models each branch separately)."""
     from archlab.search_spaces import load_space, suggest
 
     arch = trial.suggest_categorical("arch", archs)
-    suggest(trial, arch, load_space(arch, smoke=smoke, overrides=overrides.get(arch)))
+    suggest(trial, arch, load_space(arch, smoke=smoke, overrides=overrides.get(arch), task=task))
 
 
 def train_driver_fn(trial_config: dict[str, Any], *, base: dict, ctx: dict, datasets: dict) -> None:
@@ -219,7 +265,7 @@ def run_sweep(cfg: ArchlabConfig, resume: bool = False, progress=None) -> dict[s
         first = [{"arch": a} for a in cfg.sweep.archs] if cfg.sweep.num_samples >= len(cfg.sweep.archs) else None
         searcher = OptunaSearch(
             space=functools.partial(define_space, archs=list(cfg.sweep.archs), smoke=cfg.smoke_test,
-                                    overrides=cfg.sweep.space_overrides),
+                                    overrides=cfg.sweep.space_overrides, task=cfg.train.task),
             metric=metric, mode=mode, sampler=sampler, points_to_evaluate=first,
         )
         tuner = tune.Tuner(
@@ -294,17 +340,20 @@ def _load_trial_model(trial: dict[str, Any]):
     return model.eval()
 
 
-def _retrieval(model, windows: np.ndarray) -> float:
-    """Seed-protocol retrieval accuracy with the baselines' candidate set: every
-    validation window's target (archlab.platform.baselines.retrieval_candidates)."""
+def _vector_final(model, windows: np.ndarray) -> dict[str, float]:
+    """On the seed-protocol predictions of every validation window: retrieval accuracy
+    with the baselines' candidate set (every window's target, see
+    archlab.platform.baselines.retrieval_candidates) and the collapse check
+    `val_pred_self_cos` (mean cosine of the predictions to their own mean)."""
     import torch
 
-    from archlab.platform.metrics import retrieval_accuracy
+    from archlab.platform.metrics import prediction_self_cosine, retrieval_accuracy
 
     x = torch.as_tensor(windows).float()
     with torch.no_grad():
         pred = torch.cat([model(x[i: i + 512, :-1])[:, -1] for i in range(0, len(x), 512)])
-    return retrieval_accuracy(pred, x[:, -1], candidates=x[:, -1])
+    return {"retrieval_acc": retrieval_accuracy(pred, x[:, -1], candidates=x[:, -1]),
+            "val_pred_self_cos": prediction_self_cosine(pred)}
 
 
 def _latency_ms(model, windows: np.ndarray, task: str) -> float:
@@ -338,7 +387,7 @@ def finalize(job: Job, trials: list[dict[str, Any]], role_parent: str | None = N
         t["model_uri"] = tracking.log_model(job.uri, t["run_id"], t["model"], t["spec"], example)
         final = {"latency_ms": _latency_ms(t["model"], job.valid_windows, cfg.train.task)}
         if cfg.train.task == "vector":
-            final["retrieval_acc"] = _retrieval(t["model"], job.valid_windows)
+            final.update(_vector_final(t["model"], job.valid_windows))
         t["metrics"].update(final)
         tracking.log_metrics(tracking.client(job.uri), t["run_id"], final)
         score = t["metrics"].get(metric)

@@ -59,6 +59,7 @@ def model_spec(cfg: ArchlabConfig, data_info: dict[str, Any]) -> dict[str, Any]:
         "flavor": cfg.model.flavor,
         "task": cfg.train.task,
         "config": dataclasses.asdict(arch_cfg),
+        "head": cfg.model.head,
         "d_in": data_info.get("dim"),
         "vocab_size": data_info.get("vocab_size"),
         "context": cfg.data.context,
@@ -71,8 +72,10 @@ def build_from_spec(spec: dict[str, Any]) -> torch.nn.Module:
 
     mod = load_module(spec["arch"])
     arch_cfg = mod.Config(**spec["config"])
+    # specs written before model.head existed have no "head": they are plain models
     return build_model(
-        spec["arch"], spec["task"], arch_cfg, d_in=spec.get("d_in"), vocab_size=spec.get("vocab_size")
+        spec["arch"], spec["task"], arch_cfg, d_in=spec.get("d_in"), vocab_size=spec.get("vocab_size"),
+        head=spec.get("head", "plain"), context=spec.get("context"),
     )
 
 

@@ -2,6 +2,7 @@
 widths stay moderate because the forward is a sequential loop over time."""
 
 SPACE = {
+    "model.head": {"choices": ["plain", "residual"]},  # vector task only (load_space drops it for tokens)
     "model.d_model": {"choices": [128, 256, 512]},
     "model.n_layers": {"choices": [1, 2, 4]},
     "model.gated": {"choices": [False, True]},

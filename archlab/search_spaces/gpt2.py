@@ -2,6 +2,7 @@
 by every head count (384 / 16 = 24, 768 / 6 = 128), so every sampled pair is valid."""
 
 SPACE = {
+    "model.head": {"choices": ["plain", "residual"]},  # vector task only (load_space drops it for tokens)
     "model.d_model": {"choices": [384, 768]},
     "model.n_layers": {"choices": [4, 6, 8, 10]},
     "model.n_heads": {"choices": [6, 8, 12, 16]},

@@ -2,6 +2,7 @@
 RG-LRU blocks per local-attention block, a window much shorter than the sequence)."""
 
 SPACE = {
+    "model.head": {"choices": ["plain", "residual"]},  # vector task only (load_space drops it for tokens)
     "model.d_model": {"choices": [256, 512, 768]},
     "model.n_layers": {"choices": [3, 6]},
     "model.n_heads": {"choices": [4, 8]},

@@ -1,6 +1,7 @@
 """Residual GRU stack: the seeds' ranges (d_hidden [256, 512, 768], n_layers [3, 6, 9])."""
 
 SPACE = {
+    "model.head": {"choices": ["plain", "residual"]},  # vector task only (load_space drops it for tokens)
     "model.d_model": {"choices": [256, 512, 768]},
     "model.n_layers": {"choices": [3, 6, 9]},
     "model.dropout": {"choices": [0.0, 0.1, 0.2]},

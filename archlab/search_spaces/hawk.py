@@ -2,6 +2,7 @@
 expansion 3) at the seed widths, lr on the usual AdamW range."""
 
 SPACE = {
+    "model.head": {"choices": ["plain", "residual"]},  # vector task only (load_space drops it for tokens)
     "model.d_model": {"choices": [256, 512, 768]},
     "model.n_layers": {"choices": [2, 4, 6]},
     "model.rnn_expand": {"choices": [1.0, 1.5]},

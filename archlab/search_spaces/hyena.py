@@ -1,6 +1,7 @@
 """Hyena: orders [2, 3, 4] (the issue's range), widths and depths of a small LM."""
 
 SPACE = {
+    "model.head": {"choices": ["plain", "residual"]},  # vector task only (load_space drops it for tokens)
     "model.d_model": {"choices": [256, 512, 768]},
     "model.n_layers": {"choices": [4, 6, 8]},
     "model.order": {"choices": [2, 3, 4]},

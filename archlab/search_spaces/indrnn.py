@@ -2,6 +2,7 @@
 n_layers [2, 4, 6], lr [1e-4, 1e-2]), plus the activation (identity runs as a linear scan)."""
 
 SPACE = {
+    "model.head": {"choices": ["plain", "residual"]},  # vector task only (load_space drops it for tokens)
     "model.d_model": {"choices": [256, 512, 1024]},
     "model.n_layers": {"choices": [2, 4, 6]},
     "model.activation": {"choices": ["relu", "identity"]},

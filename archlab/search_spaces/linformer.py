@@ -2,6 +2,7 @@
 Transformer's widths; block_size is the exact-attention window inside each block."""
 
 SPACE = {
+    "model.head": {"choices": ["plain", "residual"]},  # vector task only (load_space drops it for tokens)
     "model.d_model": {"choices": [256, 512]},
     "model.n_layers": {"choices": [2, 4, 6]},
     "model.n_heads": {"choices": [4, 8]},

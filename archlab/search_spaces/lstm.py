@@ -1,6 +1,7 @@
 """LSTM: the seeds' ranges (d_hidden [256, 512, 1024], n_layers [2, 4, 6], lr [1e-4, 1e-2])."""
 
 SPACE = {
+    "model.head": {"choices": ["plain", "residual"]},  # vector task only (load_space drops it for tokens)
     "model.d_model": {"choices": [256, 512, 1024]},
     "model.n_layers": {"choices": [2, 4, 6]},
     "model.dropout": {"choices": [0.0, 0.1, 0.2]},

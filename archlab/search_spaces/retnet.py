@@ -2,6 +2,7 @@
 head dims (rotary)."""
 
 SPACE = {
+    "model.head": {"choices": ["plain", "residual"]},  # vector task only (load_space drops it for tokens)
     "model.d_model": {"choices": [256, 512, 768]},
     "model.n_layers": {"choices": [4, 6, 8]},
     "model.n_heads": {"choices": [4, 8, 16]},

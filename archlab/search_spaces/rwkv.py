@@ -2,6 +2,7 @@
 follows d_model: 3.5x)."""
 
 SPACE = {
+    "model.head": {"choices": ["plain", "residual"]},  # vector task only (load_space drops it for tokens)
     "model.d_model": {"choices": [256, 512, 768]},
     "model.n_layers": {"choices": [4, 6, 8, 12]},
     "train.lr": {"low": 1e-4, "high": 1e-3, "log": True},

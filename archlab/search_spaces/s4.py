@@ -2,6 +2,7 @@
 computes Abar^L densely (M^3 per channel, M = N/2)."""
 
 SPACE = {
+    "model.head": {"choices": ["plain", "residual"]},  # vector task only (load_space drops it for tokens)
     "model.d_model": {"choices": [256, 512, 768]},
     "model.n_layers": {"choices": [4, 6, 8]},
     "model.d_state": {"choices": [16, 32, 64]},

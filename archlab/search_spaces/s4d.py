@@ -2,6 +2,7 @@
 complex modes) [32, 64, 128]; both initialisations (S4D-Lin, S4D-LegS)."""
 
 SPACE = {
+    "model.head": {"choices": ["plain", "residual"]},  # vector task only (load_space drops it for tokens)
     "model.d_model": {"choices": [256, 512, 768]},
     "model.n_layers": {"choices": [4, 6, 8]},
     "model.d_state": {"choices": [32, 64, 128]},

@@ -1,6 +1,7 @@
 """Causal Transformer: the seeds' ranges around the 4 x 512, 8-head recipe."""
 
 SPACE = {
+    "model.head": {"choices": ["plain", "residual"]},  # vector task only (load_space drops it for tokens)
     "model.d_model": {"choices": [256, 512, 768]},
     "model.n_layers": {"choices": [2, 4, 6]},
     "model.n_heads": {"choices": [4, 8]},
