@@ -168,13 +168,17 @@ class ZambaBackbone(nn.Module):
         """What hybrid site j adds to the next Mamba layer's input: P_j(Shared(concat[h, x0]))."""
         return self.sites[j].proj(self.shared(torch.cat([h, x0], dim=-1), self.sites[j]))
 
+    def layer(self, i: int, h: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+        """Mamba layer i on the residual stream h [B, T, D], x0 the input embeddings."""
+        j = self.site_of[i]
+        u = h if j < 0 else h + self.site_input(h, x0, j)
+        return h + self.mixers[i](self.norms[i](u))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x0 = self.in_proj(x)
         h = x0
-        for i, (norm, mixer) in enumerate(zip(self.norms, self.mixers)):
-            j = self.site_of[i]
-            u = h if j < 0 else h + self.site_input(h, x0, j)
-            h = h + mixer(norm(u))
+        for i in range(len(self.mixers)):
+            h = self.layer(i, h, x0)
         return self.norm_f(h)
 
     def init_state(self, batch: int, device=None):
