@@ -23,7 +23,7 @@ from archlab.architectures.mixers import (
     build_mixer,
     mixer_class,
 )
-from archlab.architectures.moe import SparseMoE, active_params
+from archlab.architectures.moe import SparseMoE, active_params, forward_flops
 
 FIXTURE = Path(__file__).parent / "fixtures" / "pre_registry_states.pt"
 
@@ -233,6 +233,20 @@ def test_active_params_counts_only_visited_experts():
     expert = sum(p.numel() for n, p in model.named_parameters() if n.endswith(("w_in", "w_out")))
     # debug: 4 experts, top-2, every layer: half of the expert parameters are idle per token
     assert active_params(model) == total - expert // 2
+
+
+@pytest.mark.parametrize("top_k,n_noop", [(1, 0), (2, 0), (2, 2)])
+def test_forward_flops_count_only_visited_experts(top_k, n_noop):
+    moe = _moe(top_k=top_k, n_noop=n_noop)
+    x = torch.randn(20, 8, dtype=torch.float64)
+    flops = forward_flops(moe, x)
+    with torch.no_grad():
+        _, _, _, idx = moe.route(x)
+    visits = int((idx < moe.n_experts).sum())  # no-op choices compute nothing
+    router = 2 * 20 * 8 * (4 + n_noop)
+    assert flops == router + 2 * visits * moe.expert_params
+    if n_noop == 0:
+        assert visits == 20 * top_k
 
 
 # ---- jamba ---------------------------------------------------------------------------------

@@ -193,10 +193,15 @@ def mixer_init_state(mixer: nn.Module, batch: int, device=None):
     raise NotImplementedError(f"mixer {type(mixer).__name__} has no recurrent step")
 
 
-def mixer_path(mixer: nn.Module) -> str:
-    """The kernel path the mixer's last forward took, where it records one."""
+# the path of mixers that do not record one: SDPA picks its own backend; linformer has one
+STATIC_PATHS = {"attention": "sdpa", "local_attention": "sdpa", "linformer": "torch"}
+
+
+def mixer_path(mixer: nn.Module, kind: str = "") -> str:
+    """The kernel path the mixer's last forward took (or its only path)."""
     inner = getattr(mixer, "att", None) or getattr(mixer, "lru", None) or mixer
-    return str(getattr(inner, "last_path", None) or "-")
+    found = getattr(inner, "last_path", None) or getattr(inner, "kernel", None)
+    return str(found or STATIC_PATHS.get(ALIASES.get(kind, kind), "not run yet"))
 
 
 # ---- FFNs ------------------------------------------------------------------------------
@@ -316,7 +321,7 @@ class HybridStack(nn.Module):
     def kernel_path(self) -> str:
         seen = {}
         for kind, layer in zip(self.layer_kinds, self.layers):
-            seen.setdefault(kind, mixer_path(layer.mixer))
+            seen.setdefault(kind, mixer_path(layer.mixer, kind))
         return "+".join(f"{k}:{p}" for k, p in seen.items())
 
     def init_state(self, batch: int, device=None):

@@ -29,8 +29,9 @@ per slot (`expert_frac.e<i>`, no-op slots as `noop_frac` in total), mean router 
 
 Parameters: `active_params(model)` = total minus, per SparseMoE, the experts a token does
 not visit: (E - k) * |expert| (with no-op experts, k real experts is the upper bound; the
-measured mean is k * (1 - noop_frac)). Forward FLOPs per token ~ 2 * active_params plus
-attention's T-dependent part; docs/architectures_zoo3_hybrids.md has the figures.
+measured mean is k * (1 - noop_frac)). `forward_flops(model, x)` counts the FLOPs a forward
+really executes (torch's flop counter), so only visited experts count; per token that is
+~ 2 * active_params plus attention's T-dependent part (docs/architectures_zoo3_hybrids.md).
 """
 
 from __future__ import annotations
@@ -144,7 +145,7 @@ class SparseMoE(nn.Module):
             if sel.numel() == 0:
                 continue
             tok = flat_tok[sel]
-            out.index_add_(0, tok, self.expert(e, xf[tok]) * flat_w[sel, None])
+            out.index_add_(0, tok, (self.expert(e, xf[tok]) * flat_w[sel, None]).to(out.dtype))
         return out.view(x.shape)
 
     def aux_losses(self) -> dict:
@@ -174,6 +175,18 @@ def active_params(model: nn.Module) -> int:
         if isinstance(m, SparseMoE):
             idle += max(m.n_experts - m.top_k, 0) * m.expert_params
     return total - idle
+
+
+def forward_flops(model: nn.Module, *inputs) -> int:
+    """FLOPs one forward of `model(*inputs)` executes, counted by torch.utils.flop_counter
+    (matmuls, attention, convolutions): the MoE layers compute only the (token, expert)
+    pairs the router picked, so this counts only the experts tokens visit (no-op choices
+    cost nothing but the router)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(*inputs)
+    return int(counter.get_total_flops())
 
 
 # ---- the `moe` architecture -----------------------------------------------------------------
