@@ -208,6 +208,8 @@ def test_capacity_drops_pass_through_and_stay_causal():
     x2 = x.clone()
     x2[:, 4:] = torch.randn(2, 2, 8, dtype=torch.float64)
     assert (moe(x2)[:, :4] - y[:, :4]).abs().max() == 0  # later positions cannot take a slot
+    # dropped pairs are not computed: 3 expert calls' worth of FLOPs plus the router
+    assert forward_flops(moe.train(), x) == 2 * 12 * 8 * 2 + 2 * 3 * moe.expert_params
     moe.eval()  # eval is dropless
     assert (moe(x).abs().sum(-1) > 0).all()
 

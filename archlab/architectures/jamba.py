@@ -60,7 +60,7 @@ class Config:
 FLAVORS = {
     "debug": Config(d_model=32, n_layers=4, attn_every=2, attn_offset=1, n_heads=4, n_experts=4, top_k=2,
                     d_expert=32, d_ffn=64, d_state=16, headdim=16, chunk_size=16, k=8, block_size=8,
-                    nb_features=16, max_len=64),
+                    nb_features=16, max_len=1024),
     # seed 000: d_model 512, 24 layers, attention every 6th; seed 002 / Jamba: 16 experts top-2
     # (8 experts of 512 keep the total at seed 000's ~150M)
     "seed": Config(d_model=512, n_layers=24, attn_every=6, attn_offset=-1, n_heads=8, n_experts=8, top_k=2,

@@ -54,12 +54,12 @@ class Config:
 
 FLAVORS = {
     "debug": Config(d_model=32, n_layers=2, pattern=["attention"], n_heads=4, n_experts=4, n_noop=2, top_k=2,
-                    d_expert=32, max_len=64, d_state=16, headdim=16, chunk_size=16),
+                    d_expert=32, max_len=1024, d_state=16, headdim=16, chunk_size=16),
     "seed": Config(d_model=512, n_layers=12, pattern=["mamba2"] * 5 + ["attention"], n_heads=8, n_experts=8,
                    n_noop=4, top_k=2, d_expert=1024),
 }
 
-PARAM_COUNTS = {"debug": 85568, "seed": 170504672}
+PARAM_COUNTS = {"debug": 116288, "seed": 170504672}
 
 
 def build(config: Config, d_input: int) -> nn.Module:

@@ -140,8 +140,15 @@ class SparseMoE(nn.Module):
         out = torch.zeros_like(xf)
         flat_e, flat_w = idx.reshape(-1), w.reshape(-1).to(xf.dtype)
         flat_tok = torch.arange(N, device=x.device).repeat_interleave(self.top_k)
-        for e in range(self.n_experts):  # no-op slots (>= n_experts) compute nothing
-            sel = (flat_e == e).nonzero().squeeze(-1)
+        if keep is not None:  # dropped pairs go to a slot past the last: never computed
+            flat_e = torch.where(keep.reshape(-1), flat_e, S)
+        # group the (token, choice) pairs by slot: one sort and one host sync for all experts
+        order = flat_e.argsort(stable=True)
+        sizes = torch.bincount(flat_e, minlength=S + 1).tolist()
+        start = 0
+        for e in range(self.n_experts):  # no-op slots (>= n_experts) come last and compute nothing
+            sel = order[start:start + sizes[e]]
+            start += sizes[e]
             if sel.numel() == 0:
                 continue
             tok = flat_tok[sel]
@@ -211,12 +218,12 @@ class Config:
 
 
 FLAVORS = {
-    "debug": Config(d_model=32, n_layers=2, n_heads=4, n_experts=4, top_k=2, d_expert=32, max_len=64),
+    "debug": Config(d_model=32, n_layers=2, n_heads=4, n_experts=4, top_k=2, d_expert=32, max_len=1024),
     # seed 002's "Sparse MoE Transformer, 158M (20M active), 16 experts top-2"
     "seed": Config(d_model=512, n_layers=6, n_heads=8, n_experts=16, top_k=2, d_expert=1024, max_len=1024),
 }
 
-PARAM_COUNTS = {"debug": 85440, "seed": 158666496}
+PARAM_COUNTS = {"debug": 116160, "seed": 158666496}
 
 
 def periodic(n_layers: int, every: int, offset: int, field: str) -> list[bool]:
