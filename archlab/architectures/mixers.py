@@ -288,6 +288,8 @@ class HybridStack(nn.Module):
         self.layer_kinds = [ALIASES.get(k, k) for k in mixers]
         self.ffn_kinds = list(ffns)
         self.stepping = all(_spec(k).step for k in mixers)
+        # depth-dependent inits (rwkv's schedule) need the stack's depth
+        opts = {"n_layers": len(mixers), **opts}
         from archlab.architectures.common import input_projection, learned_positions
 
         self.in_proj = input_projection(d_input, d_model)
