@@ -229,6 +229,21 @@ def test_routing_stats_and_aux_through_the_platform_interface():
     assert collect_routing_stats(model) == {}  # reset by the call
 
 
+def test_a_trained_moe_copies_and_pickles_without_its_last_graph():
+    import copy
+    import pickle
+
+    model = build_model("moe", "vector", load_module("moe").FLAVORS["debug"], d_in=24)
+    x = torch.randn(2, 5, 24)
+    model(x).sum().backward()
+    twin = copy.deepcopy(model)  # refuses the non-leaf aux tensors unless they are dropped
+    back = pickle.loads(pickle.dumps(model))
+    for m in (twin, back):
+        assert collect_aux_losses(m) == {} and collect_routing_stats(m) == {}
+        assert torch.equal(m.eval()(x), model.eval()(x))
+    assert collect_aux_losses(model)  # the original keeps its latest losses
+
+
 def test_active_params_counts_only_visited_experts():
     model = build_model("moe", "vector", load_module("moe").FLAVORS["debug"], d_in=24)
     total = count_params(model)

@@ -69,6 +69,14 @@ class SparseMoE(nn.Module):
         self._aux: dict = {}
         self._reset_stats()
 
+    def __getstate__(self):
+        # the latest forward's losses hold its autograd graph (deepcopy refuses non-leaf
+        # tensors; pickling would drag the graph along) and the statistics are per epoch:
+        # a copy or a logged model starts without either
+        state = self.__dict__.copy()
+        state.update(_aux={}, _counts=None, _entropy=0.0, _tokens=0, _dropped=0.0)
+        return state
+
     @property
     def expert_params(self) -> int:
         """Parameters of one expert."""
