@@ -151,7 +151,8 @@ class ZambaBackbone(nn.Module):
             j += h
         if j == 0:
             raise ValueError(f"zamba: no layer i < model.n_layers={cfg.n_layers} has i % shared_every "
-                             f"({cfg.shared_every}) == shared_offset ({cfg.shared_offset}): the shared block is never used")
+                             f"({cfg.shared_every}) == shared_offset ({cfg.shared_offset}): "
+                             f"the shared block is never used")
         self.site_of = order
         self.in_proj = input_projection(d_input, d)
         self.norms = nn.ModuleList(nn.RMSNorm(d, eps=1e-5) for _ in range(cfg.n_layers))
