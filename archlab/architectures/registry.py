@@ -89,6 +89,13 @@ _SPECS: dict[str, ArchSpec] = {
         _s("hawk", BOTH, "Hawk: RG-LRU recurrent blocks", ("scan",)),
         _s("griffin", BOTH, "Griffin: RG-LRU + local attention", ("scan",)),
         _s("elman", BOTH, "Elman ablation ladder (gating, spectral norm, log-space)"),
+        # Zoo III: hybrids and sparse mixtures, composed from architectures/mixers.py
+        _s("moe", BOTH, "sparse MoE transformer: top-k SwiGLU experts, fp32 router, balance + z losses"),
+        _s("jamba", BOTH, "Jamba: Mamba-2, attention every attn_every layers, MoE every other",
+           ("ssd", "retention")),
+        _s("zamba", BOTH, "Zamba: Mamba-2 with one shared attention+MLP block on [h, x0], per-site LoRA", ("ssd",)),
+        _s("hymba", BOTH, "Hymba: parallel attention + Mamba-2 heads, beta-scaled, meta tokens, SWA", ("ssd",)),
+        _s("mode", BOTH, "MoDE (integrated): MoE with no-op experts in the router", ("ssd",)),
     ]
 }
 
