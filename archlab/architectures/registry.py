@@ -82,6 +82,10 @@ _SPECS: dict[str, ArchSpec] = {
         _s("hawk", BOTH, "Hawk: RG-LRU recurrent blocks", ("scan",)),
         _s("griffin", BOTH, "Griffin: RG-LRU + local attention", ("scan",)),
         _s("elman", BOTH, "Elman ablation ladder (gating, spectral norm, log-space)"),
+        # Zoo III: hybrids, sparse mixtures and weight sharing
+        _s("universal", BOTH, "Universal Transformer: one GPT-2 block applied n_steps times"),
+        _s("mod", BOTH, "Mixture-of-Depths: top-k routed GPT-2 blocks, causal router threshold at eval"),
+        _s("bdh", BOTH, "Baby Dragon Hatchling: shared-weight sparse ReLU linear attention"),
     ]
 }
 
