@@ -359,3 +359,28 @@ def test_bdh_activations_nonnegative_and_sparsity_reported():
     # the gated product is at most as dense as either factor
     assert stats["bdh_xy_active"] <= min(stats["bdh_x_active"], stats["bdh_y_active"]) + 1e-6
     assert collect_routing_stats(model) == {}
+
+
+# ------------------------------------------------------------------------ search spaces
+
+@pytest.mark.parametrize("name", ["universal", "mod", "bdh"])
+@pytest.mark.parametrize("smoke", [True, False], ids=["smoke", "full"])
+def test_search_space_choices_make_valid_configs(name, smoke):
+    """The space's categorical values build (on the debug flavor for SMOKE, the seed-sized
+    flavor otherwise): every combination of the fields that constrain each other (widths,
+    heads, neurons per head), each other value on its own."""
+    import itertools
+
+    from archlab.architectures.registry import make_config
+    from archlab.search_spaces import load_space
+
+    space = {k[6:]: v["choices"] for k, v in load_space(name, smoke=smoke).items()
+             if k.startswith("model.") and "choices" in v}
+    flavor = "debug" if smoke else "seed"
+    joint = [k for k in ("d_model", "n_heads", "mult") if k in space]
+    combos = [dict(zip(joint, vals)) for vals in itertools.product(*(space[k] for k in joint))]
+    combos += [{k: v} for k, vals in space.items() if k not in joint for v in vals]
+    for over in combos:
+        cfg = make_config(name, flavor, over)
+        with torch.device("meta"):  # building is the check; no memory for wide choices
+            build_model(name, "vector", cfg, d_in=24)
