@@ -101,7 +101,8 @@ def probe_mod(data: Path, args) -> dict:
         loss = F.mse_loss(model(x[:, :-1]), x[:, 1:])
         aux = collect_aux_losses(model)
         bce.append(aux["mod_router_bce"][0].item())
-        loss = loss + weighted_aux_total(aux)
+        extra = weighted_aux_total(aux)  # None when every weight is 0
+        loss = loss if extra is None else loss + extra
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -109,15 +110,25 @@ def probe_mod(data: Path, args) -> dict:
     wall = time.time() - t0
     train_stats = collect_routing_stats(model)
     model.eval()
+    # per routed layer and position: the fraction of validation windows the rule routes
+    per_pos: dict[int, list] = {}
+    hooks = [blk.register_forward_hook(lambda m, inp, out, i=i: per_pos.setdefault(i, []).append(
+        (m.route_logits(inp[0]) > 0).float().sum(0))) for i, blk in enumerate(model.backbone.h)
+        if hasattr(blk, "router")]
     with torch.no_grad():
         pred = torch.cat([model(va[i : i + 512, :-1]) for i in range(0, len(va), 512)])
+    for h in hooks:
+        h.remove()
     eval_stats = collect_routing_stats(model)
+    routed_by_pos = {f"layer{i}": [round(v, 3) for v in (torch.stack(c).sum(0) / len(va)).tolist()]
+                     for i, c in per_pos.items()}
     cos = (pred[:, -1] * va[:, -1]).sum(-1).mean().item()
     return {"arch": "mod", "flavor": args.mod_flavor, "config": cfg.__dict__, "params": count_params(model),
             "steps": args.steps, "batch": args.batch, "train_s": round(wall, 1),
             "router_bce_first_last": [round(bce[0], 4), round(float(np.mean(bce[-20:])), 4)],
             "train": {k: round(v, 4) for k, v in train_stats.items() if "." not in k},
             "eval_threshold_frac": round(eval_stats["mod_threshold_frac"], 4),
+            "eval_routed_by_position": routed_by_pos,
             "val_cosine_seed_protocol": round(cos, 4), "val_windows": len(va)}
 
 
