@@ -384,3 +384,38 @@ def test_search_space_choices_make_valid_configs(name, smoke):
         cfg = make_config(name, flavor, over)
         with torch.device("meta"):  # building is the check; no memory for wide choices
             build_model(name, "vector", cfg, d_in=24)
+
+
+# ------------------------------------------------------- the seed Transformer's options
+
+def test_transformer_sharing_one_parameter_and_count_drop():
+    L = 3
+    plain = backbone("transformer", n_layers=L)
+    lay = plain.encoder.layers[0]
+    ffn = n_params(lay.linear1) + n_params(lay.linear2)
+    for share, drop in ((("ffn_sharing",), ffn), (("attn_sharing",), n_params(lay.self_attn)),
+                        (("ffn_sharing", "attn_sharing"), ffn + n_params(lay.self_attn))):
+        shared = backbone("transformer", n_layers=L, **{s: True for s in share})
+        assert n_params(plain) - n_params(shared) == (L - 1) * drop, share
+        layers = shared.encoder.layers
+        for i in range(1, L):
+            assert (layers[i].linear1.weight is layers[0].linear1.weight) == ("ffn_sharing" in share)
+            assert (layers[i].self_attn.in_proj_weight is layers[0].self_attn.in_proj_weight) == (
+                "attn_sharing" in share)
+            assert layers[i].norm1.weight is not layers[0].norm1.weight
+
+
+@pytest.mark.parametrize("name", ["gpt2", "transformer"])
+def test_shared_stacks_keep_causality_and_step(name):
+    model = backbone(name, n_layers=3, ffn_sharing=True, attn_sharing=True).double().eval()
+    x = torch.randn(2, 8, 32, dtype=torch.float64)
+    x2 = x.clone()
+    x2[:, 5:] += 1.0
+    with torch.no_grad():
+        y = model(x)
+        assert torch.allclose(model(x2)[:, :5], y[:, :5], atol=1e-12)
+        state, steps = model.init_state(2), []
+        for t in range(8):
+            y_t, state = model.step(x[:, t], state)
+            steps.append(y_t)
+    assert torch.allclose(torch.stack(steps, 1), y, atol=1e-10)
