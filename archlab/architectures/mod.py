@@ -121,7 +121,7 @@ class RoutedBlock(nn.Module):
         gidx = idx.unsqueeze(-1).expand(-1, -1, x.shape[-1])  # (B, k, D)
         x_sel = x.gather(1, gidx)
         delta = (self.block(x_sel) - x_sel) * torch.sigmoid(r.gather(1, idx)).unsqueeze(-1)
-        return x.scatter_add(1, gidx, delta)  # idx has no repeats: x + delta at idx
+        return x.scatter_add(1, gidx, delta.to(x.dtype))  # idx has no repeats: x + delta at idx
 
     def forward_masked(self, x: torch.Tensor, routed: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
         """The block where routed [B, T] (bool), run at full length with attention keys
