@@ -388,6 +388,30 @@ def test_search_space_choices_make_valid_configs(name, smoke):
 
 # ------------------------------------------------------- the seed Transformer's options
 
+# The same fingerprint for the seed Transformer's debug models at commit b168078, with the
+# sorted key list as a sha1 (30 / 28 keys).
+_TRANSFORMER_BEFORE = {
+    "vector": ("411ad65a255dfb7f6383e9045891ab2951594658", 19736, 1357.1927270684246),
+    "token": ("e541728f6f02b972bb999bc93c33f7e79ff49a23", 33536, 2770.807893570735),
+}
+
+
+@pytest.mark.parametrize("task", ["vector", "token"])
+def test_transformer_default_flavor_unchanged_by_sharing_options(task):
+    import hashlib
+
+    torch.manual_seed(0)
+    cfg = cfg_of("transformer")
+    model = (build_model("transformer", "vector", cfg, d_in=24) if task == "vector"
+             else build_model("transformer", "token", cfg, vocab_size=256))
+    sd = model.state_dict()
+    digest, numel, checksum = _TRANSFORMER_BEFORE[task]
+    assert hashlib.sha1(",".join(sorted(sd)).encode()).hexdigest() == digest
+    assert sum(v.numel() for v in sd.values()) == numel
+    found = float(sum((v.double() * (i + 1)).sum() for i, (_, v) in enumerate(sorted(sd.items()))))
+    assert found == pytest.approx(checksum, rel=1e-9)
+
+
 def test_transformer_sharing_one_parameter_and_count_drop():
     L = 3
     plain = backbone("transformer", n_layers=L)
