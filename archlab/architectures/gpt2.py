@@ -10,6 +10,15 @@ the two residual projections (attention out, MLP out) N(0, 0.02 / sqrt(2 * n_lay
 the residual stream's variance does not grow with depth.
 
 `step()` is incremental decoding with a key/value cache; it equals the parallel forward.
+
+Weight sharing across layers (Super Tiny Language Models 2405.14159, after MobileLLM
+2402.16840), all off by default so the existing flavors are unchanged: `ffn_sharing` makes
+every block's MLP the block-0 MLP module, `attn_sharing` does the same for the attention
+(QKV and output projection); norms stay per layer. Sharing assigns the module, so every
+layer holds the same Parameter objects: the optimiser sees each once and one update moves
+every layer (copying `.data` would make independent Parameters on one storage, with their
+own Adam states). `tie_io` ties the vector task's output head to the input projection
+(see io.VectorModel); the token task always ties its LM head to the embedding.
 """
 
 from __future__ import annotations
@@ -32,6 +41,9 @@ class Config:
     max_len: int = 1024  # GPT-2's block size: the learned position table's length
     dropout: float = 0.1
     bias: bool = True
+    ffn_sharing: bool = False  # every block uses block 0's MLP (the same Parameters)
+    attn_sharing: bool = False  # every block uses block 0's attention
+    tie_io: bool = False  # vector task: head weight = input projection weight^T
 
 
 FLAVORS = {
@@ -125,6 +137,7 @@ class GPT2Backbone(PositionalStack):
         super().__init__(d_input, cfg.d_model, blocks, nn.LayerNorm(cfg.d_model, bias=cfg.bias),
                          positions=lambda: nn.Embedding(cfg.max_len, cfg.d_model), dropout=cfg.dropout)
         self._init_weights(cfg.n_layers)
+        share_layers(self.h, ffn=cfg.ffn_sharing, attn=cfg.attn_sharing)
 
     def _init_weights(self, n_layers: int) -> None:
         for m in self.modules():
@@ -138,6 +151,17 @@ class GPT2Backbone(PositionalStack):
     # attention always goes through F.scaled_dot_product_attention, which picks its own
     # fused backend (flash / memory-efficient on CUDA, math on CPU)
     kernel_path = "sdpa"
+
+
+def share_layers(blocks: nn.ModuleList, *, ffn: bool, attn: bool) -> None:
+    """Make every block's MLP (`ffn`) and/or attention (`attn`) block 0's module. The
+    module is assigned, not its weights copied, so all layers hold one set of Parameters
+    (the parameter count drops by (L - 1) x |module|); state_dict still lists every key."""
+    for block in list(blocks)[1:]:
+        if ffn:
+            block.mlp = blocks[0].mlp
+        if attn:
+            block.attn = blocks[0].attn
 
 
 def build(config: Config, d_input: int) -> nn.Module:

@@ -89,7 +89,9 @@ class VectorModel(nn.Module):
             self.in_proj = nn.Identity()
             self.backbone = mod.build(config, d_in)
         d_model = self.backbone.d_model
-        if hasattr(mod, "build_head"):
+        if getattr(config, "tie_io", False):
+            self.head = TiedHead(self.in_proj, d_model, d_out, name=mod.__name__.rsplit(".", 1)[-1])
+        elif hasattr(mod, "build_head"):
             self.head = mod.build_head(config, d_model, d_out)
         else:
             self.head = nn.Linear(d_model, d_out)
@@ -113,6 +115,26 @@ class VectorModel(nn.Module):
                 y = base + y.to(base.dtype)
         # eps keeps a zero prediction finite; float() so bf16 autocast still yields unit norm
         return F.normalize(y.float(), dim=-1, eps=1e-8)
+
+
+class TiedHead(nn.Module):
+    """The vector task's tied head (config field `tie_io`): y = h @ W_in + b, with W_in the
+    input projection's weight [d_model, d_in], the same Parameter object (as the token
+    task ties its LM head to the embedding: a one-hot input is a vector input)."""
+
+    def __init__(self, in_proj: nn.Module, d_model: int, d_out: int, *, name: str):
+        super().__init__()
+        if not isinstance(in_proj, nn.Linear) or tuple(in_proj.weight.shape) != (d_model, d_out):
+            shape = list(in_proj.weight.shape) if isinstance(in_proj, nn.Linear) else type(in_proj).__name__
+            raise ValueError(
+                f"{name}: model.tie_io needs an input projection Linear(d_out={d_out} -> d_model={d_model}), "
+                f"found {shape}; set model.tie_io=false or make d_out equal d_in"
+            )
+        self.weight = in_proj.weight  # (d_model, d_in): shared, not copied
+        self.bias = nn.Parameter(torch.zeros(d_out))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:  # [B, T, d_model] -> [B, T, d_out]
+        return torch.nn.functional.linear(h, self.weight.t(), self.bias)
 
 
 class TokenModel(nn.Module):

@@ -96,6 +96,9 @@ _SPECS: dict[str, ArchSpec] = {
         _s("zamba", BOTH, "Zamba: Mamba-2 with one shared attention+MLP block on [h, x0], per-site LoRA", ("ssd",)),
         _s("hymba", BOTH, "Hymba: parallel attention + Mamba-2 heads, beta-scaled, meta tokens, SWA", ("ssd",)),
         _s("mode", BOTH, "MoDE (integrated): MoE with no-op experts in the router", ("ssd",)),
+        _s("universal", BOTH, "Universal Transformer: one GPT-2 block applied n_steps times"),
+        _s("mod", BOTH, "Mixture-of-Depths: top-k routed GPT-2 blocks, causal router threshold at eval"),
+        _s("bdh", BOTH, "Baby Dragon Hatchling: shared-weight sparse ReLU linear attention"),
     ]
 }
 

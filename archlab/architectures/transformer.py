@@ -7,6 +7,10 @@ equals the parallel forward in eval mode.
 Seed flavor at 768-D (4 layers, 8 heads, ff 2048, d_model 512) has ~13.7M parameters;
 the seed reports 17.8M for what it calls the same shape. archlab implements the listed
 shape and tests its own count (see docs/architectures.md).
+
+`ffn_sharing` / `attn_sharing` (off by default; Super Tiny Language Models): every layer
+uses layer 0's feed-forward (linear1, linear2) / self-attention module, the same Parameter
+objects; norms stay per layer (docs/architectures_zoo3_sharing.md).
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ class Config:
     # False so configs saved before it existed rebuild the same model; the flavors, which
     # every new config starts from, set True.
     scale_input: bool = False
+    ffn_sharing: bool = False  # every layer uses layer 0's linear1 / linear2
+    attn_sharing: bool = False  # every layer uses layer 0's self_attn
 
 
 FLAVORS = {
@@ -77,6 +83,13 @@ class TransformerBackbone(nn.Module):
             config.d_model, config.n_heads, config.d_ff, config.dropout, batch_first=True
         )
         self.encoder = nn.TransformerEncoder(layer, config.n_layers, enable_nested_tensor=False)
+        # TransformerEncoder deep-copies `layer`; sharing assigns layer 0's modules back
+        first = self.encoder.layers[0]
+        for other in list(self.encoder.layers)[1:]:
+            if config.ffn_sharing:
+                other.linear1, other.linear2 = first.linear1, first.linear2
+            if config.attn_sharing:
+                other.self_attn = first.self_attn
         self.drop = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, d] -> [B, T, d]
