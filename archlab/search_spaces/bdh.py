@@ -3,6 +3,7 @@ each range; the seed reports a 35M BDH. Smaller multipliers keep CPU trials feas
 (N = mult * D / n_heads neurons per head; activations are B x n_heads x T x N)."""
 
 SPACE = {
+    "model.head": {"choices": ["plain", "residual"]},  # vector task only (load_space drops it for tokens)
     "model.d_model": {"choices": [128, 256]},
     "model.n_layers": {"choices": [4, 6, 8]},
     "model.n_heads": {"choices": [2, 4, 8]},

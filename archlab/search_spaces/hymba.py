@@ -3,6 +3,7 @@ sliding window of the local layers (the paper: 128 meta tokens, SWA with global 
 middle / last layers; scaled to our short contexts)."""
 
 SPACE = {
+    "model.head": {"choices": ["plain", "residual"]},  # vector task only (load_space drops it for tokens)
     "model.d_model": {"choices": [256, 512, 768]},
     "model.n_layers": {"choices": [4, 6, 8]},
     "model.n_meta": {"choices": [0, 8, 16, 32]},

@@ -3,6 +3,7 @@
 attn_offset stays at the flavor's -1 (seed 000: the last layer of each group)."""
 
 SPACE = {
+    "model.head": {"choices": ["plain", "residual"]},  # vector task only (load_space drops it for tokens)
     "model.d_model": {"choices": [256, 512, 768]},
     "model.n_layers": {"choices": [12, 18, 24]},
     "model.attn_every": {"choices": [4, 6, 8, 12]},

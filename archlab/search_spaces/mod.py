@@ -3,6 +3,7 @@ router. capacity: the paper's 12.5% and two larger fractions; at the vector task
 they give k = 1, 2 and 3 of 5 (k = max(1, ceil(C T)), see architectures/mod.py)."""
 
 SPACE = {
+    "model.head": {"choices": ["plain", "residual"]},  # vector task only (load_space drops it for tokens)
     "model.d_model": {"choices": [384, 768]},
     "model.n_layers": {"choices": [4, 6, 8, 10]},
     "model.n_heads": {"choices": [6, 8, 12, 16]},

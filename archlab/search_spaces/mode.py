@@ -2,6 +2,7 @@
 seed 002's expert counts, and how many no-op experts the router may pick."""
 
 SPACE = {
+    "model.head": {"choices": ["plain", "residual"]},  # vector task only (load_space drops it for tokens)
     "model.d_model": {"choices": [256, 512, 768]},
     "model.n_layers": {"choices": [6, 12, 18]},
     "model.n_experts": {"choices": [4, 8, 16]},

@@ -3,6 +3,7 @@
 around Switch's 0.01."""
 
 SPACE = {
+    "model.head": {"choices": ["plain", "residual"]},  # vector task only (load_space drops it for tokens)
     "model.d_model": {"choices": [256, 512, 768]},
     "model.n_layers": {"choices": [4, 6, 8]},
     "model.n_experts": {"choices": [4, 8, 16]},

@@ -3,6 +3,7 @@ widths that divide by all of them); n_steps takes gpt2's n_layer range [4, 6, 8,
 trial has the compute of the matching gpt2 depth with one block's parameters."""
 
 SPACE = {
+    "model.head": {"choices": ["plain", "residual"]},  # vector task only (load_space drops it for tokens)
     "model.d_model": {"choices": [384, 768]},
     "model.n_steps": {"choices": [4, 6, 8, 10]},
     "model.n_heads": {"choices": [6, 8, 12, 16]},

@@ -3,6 +3,7 @@ period around Zamba's 6 and the LoRA rank (0 = no adapters). shared_offset stays
 flavor's -1 (each group's last layer)."""
 
 SPACE = {
+    "model.head": {"choices": ["plain", "residual"]},  # vector task only (load_space drops it for tokens)
     "model.d_model": {"choices": [256, 512, 768]},
     "model.n_layers": {"choices": [12, 18, 24]},
     "model.shared_every": {"choices": [4, 6, 8]},
