@@ -44,7 +44,7 @@ SPEC_FILE = "model_spec.json"
 MID_EPOCH = "mid_epoch"
 # Before an epoch's report the worker waits this long at most for MLflow to take the
 # epoch's metrics; the final epoch waits for all of them (MlflowBuffer.close).
-FLUSH_BEFORE_REPORT_S = 5.0
+FLUSH_BEFORE_REPORT_S = 1.0
 
 
 def model_spec(cfg: ArchlabConfig, data_info: dict[str, Any]) -> dict[str, Any]:
