@@ -14,7 +14,8 @@ the leaderboard):
 It also prints, at initialisation, the RMS entry of the projected input against that of the
 position table: the imbalance the fix removes. `--ablations` adds the other levers the issue
 named, each on the *before* model, as probes (a patched copy, not config options): no
-positions at all, a 100-step linear warm-up, pre-norm layers, lr 1e-4, dropout 0.
+positions at all, a 100-step linear warm-up, pre-norm layers, lr 1e-4, dropout 0; and the
+fixed model with the baseline-residual head (`model.head=residual`).
 
     python benchmarks/transformer_collapse.py --steps 300 --ablations
 """
@@ -37,17 +38,18 @@ from archlab.platform.metrics import prediction_self_cosine
 
 SAMPLE = Path(__file__).resolve().parents[1] / "data" / "wikitext2-minilm384-sample"
 
-# name -> (scale_input, probe applied to the built model, lr, warm-up steps)
+# name -> (scale_input, probe applied to the built model, lr, warm-up steps, model.head)
 VARIANTS = {
-    "before (scale_input=False)": (False, None, 5e-4, 0),
-    "after (scale_input=True)": (True, None, 5e-4, 0),
+    "before (scale_input=False)": (False, None, 5e-4, 0, "plain"),
+    "after (scale_input=True)": (True, None, 5e-4, 0, "plain"),
 }
 ABLATIONS = {
-    "before + no positions": (False, "no_positions", 5e-4, 0),
-    "before + warm-up 100": (False, None, 5e-4, 100),
-    "before + pre-norm": (False, "pre_norm", 5e-4, 0),
-    "before + lr 1e-4": (False, None, 1e-4, 0),
-    "before + dropout 0": (False, "no_dropout", 5e-4, 0),
+    "before + no positions": (False, "no_positions", 5e-4, 0, "plain"),
+    "before + warm-up 100": (False, None, 5e-4, 100, "plain"),
+    "before + pre-norm": (False, "pre_norm", 5e-4, 0, "plain"),
+    "before + lr 1e-4": (False, None, 1e-4, 0, "plain"),
+    "before + dropout 0": (False, "no_dropout", 5e-4, 0, "plain"),
+    "after + head=residual": (True, None, 5e-4, 0, "residual"),
 }
 
 
@@ -85,10 +87,10 @@ def input_vs_positions(model, ctx: torch.Tensor) -> tuple[float, float]:
 
 
 def train(name, spec, train_w, vctx, vtgt, args) -> dict:
-    scale_input, kind, lr, warmup = spec
+    scale_input, kind, lr, warmup, head = spec
     torch.manual_seed(args.seed)
     cfg = make_config("transformer", args.flavor, {"scale_input": scale_input})
-    model = build_model("transformer", "vector", cfg, d_in=train_w.shape[-1])
+    model = build_model("transformer", "vector", cfg, d_in=train_w.shape[-1], head=head, context=args.context)
     probe(model, kind)
     in_rms, pe_rms = input_vs_positions(model, vctx)
     init_cos, init_self = seed_protocol(model, vctx, vtgt)
@@ -127,7 +129,8 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--ablations", action="store_true", help="also the no-positions / warm-up / pre-norm / lr / dropout probes")
+    ap.add_argument("--only", default="", help="comma-separated variant names to run (default: all selected)")
+    ap.add_argument("--ablations", action="store_true", help="also the no-positions / warm-up / pre-norm / lr / dropout probes and head=residual")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -141,6 +144,12 @@ def main() -> None:
           f"baselines: mean_vector {mean_b:.4f}, linear_average {lin_b:.4f}", flush=True)
 
     variants = {**VARIANTS, **(ABLATIONS if args.ablations else {})}
+    if args.only:
+        keep = [v.strip() for v in args.only.split(",")]
+        unknown = [v for v in keep if v not in {**VARIANTS, **ABLATIONS}]
+        if unknown:
+            raise SystemExit(f"--only: unknown variant(s) {unknown}; variants: {', '.join({**VARIANTS, **ABLATIONS})}")
+        variants = {k: v for k, v in {**VARIANTS, **ABLATIONS}.items() if k in keep}
     rows = [train(name, spec, train_w, vctx, vtgt, args) for name, spec in variants.items()]
     cols = ["variant", "steps", "val cosine", "vs mean_vector", "vs linear_average", "self-cos",
             "collapsed", "self-cos at init", "input RMS / position RMS at init", "train s"]
