@@ -244,6 +244,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             with sync:
                 with autocast:
                     loss = _vector_loss(model, x, loss_fn) if loss_fn else _token_loss(model, x)
+                if step == cfg.train.inject_nan_at_step:  # fault injection (tests): every rank, every try
+                    loss = loss * float("nan")
                 if not torch.isfinite(loss):
                     raise FloatingPointError(
                         f"non-finite training loss {loss.item()} at epoch {epoch}, step {step} "
@@ -327,16 +329,19 @@ def fit_trainer(
 ):
     """Run one TorchTrainer (layer 1 inside a Tune trial, or alone for `archlab train`).
 
-    `name` carries the trial id and never a timestamp: Ray resumes a run by its name."""
+    `name` carries the trial id and never a timestamp: Ray resumes a run by its name.
+    A terminal worker error (failures.TERMINAL_ERRORS) is not retried and raises
+    TrialFailed with a one-line reason; transient faults are retried up to max_failures."""
     import ray.train
-    from ray.train.torch import TorchTrainer
+
+    from archlab.platform.failures import TrialFailed, describe, terminal_failure, trainer_class
 
     use_gpu = cfg.train.use_gpu
     if use_gpu is None:
         import ray
 
         use_gpu = ray.cluster_resources().get("GPU", 0) > 0
-    trainer = TorchTrainer(
+    trainer = trainer_class()(  # a TorchTrainer that does not retry terminal errors (failures.py)
         train_fn_per_worker,
         train_loop_config={
             "cfg": cfg.to_dict(),
@@ -359,4 +364,10 @@ def fit_trainer(
         ),
         datasets=datasets,
     )
-    return trainer.fit()
+    try:
+        return trainer.fit()
+    except ray.train.TrainingFailedError as e:
+        terminal = terminal_failure(e)
+        if terminal is None:
+            raise  # a transient fault that outlived its retries
+        raise TrialFailed(describe(terminal)) from None
