@@ -45,9 +45,9 @@ def describe(err: BaseException) -> str:
     return f"{type(err).__name__}: {text[0] if text else ''}".strip()
 
 
-def trainer_class():
-    """TorchTrainer whose controller does not retry terminal errors (see module doc)."""
-    from ray.train.torch import TorchTrainer
+def failure_policy(failure_config):
+    """Ray's DefaultFailurePolicy for `failure_config`, except that a worker failure with
+    a terminal error is raised at once (never retried)."""
     from ray.train.v2._internal.execution.failure_handling import DefaultFailurePolicy, FailureDecision
 
     class _TerminalAwarePolicy(DefaultFailurePolicy):
@@ -56,15 +56,22 @@ def trainer_class():
                 return FailureDecision.RAISE
             return super().make_decision(training_failed_error)
 
+    return _TerminalAwarePolicy(failure_config)
+
+
+def trainer_class():
+    """TorchTrainer whose controller does not retry terminal errors (see module doc)."""
+    from ray.train.torch import TorchTrainer
+
     class ArchlabTorchTrainer(TorchTrainer):
         def _initialize_and_run_controller(self, **kwargs):
             # the one place Ray builds the controller's policy (DataParallelTrainer.fit)
-            kwargs["failure_policy"] = _TerminalAwarePolicy(self.run_config.failure_config)
+            kwargs["failure_policy"] = failure_policy(self.run_config.failure_config)
             return super()._initialize_and_run_controller(**kwargs)
 
         def _register_sigint_handler(self, controller):
             # Ray's handler aborts the controller and lets fit() return as if training had
-            # ended; archlab's own (cli.install_signal_handlers) raises instead, so the job
+            # ended; archlab's own (install_signal_handlers) raises instead, so the job
             # ends its runs KILLED and nothing is registered from an interrupted run
             if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
                 return

@@ -66,6 +66,11 @@ def experiment_id(c, name: str) -> str:
         return exp.experiment_id
 
 
+def _find_runs(c, exp_id: str, filter_string: str, max_results: int = 10):
+    return c.search_runs([exp_id], filter_string=filter_string, max_results=max_results,
+                         order_by=["attributes.start_time DESC"])
+
+
 def parent_run(c, exp_id: str, sweep_id: str, params: dict[str, Any], *, job_id: str,
                run_id: str | None = None) -> str:
     """The job's parent run. A new job (run_id None) always gets a new run tagged with its
