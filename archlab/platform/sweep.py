@@ -217,10 +217,7 @@ def train_driver_fn(trial_config: dict[str, Any], *, base: dict, ctx: dict, data
         arch = trial_config.get("arch", "?")
         record["run_id"] = tracking.child_run(c, ctx["experiment_id"], ctx["parent_run_id"], ctx["sweep_id"],
                                               trial_id, arch, {"arch": arch, "trial_config": trial_config})
-        record["error"] = describe(e)
-        tracking.end_run(c, record["run_id"], "FAILED", record["error"])
-        record_file.write_text(json.dumps(record))
-        return
+        return _trial_failed(c, record, record_file, ctx["metric"], describe(e))
     params = {"arch": cfg.model.arch, "trial_id": trial_id, **cfg.to_dict(),
               "data": {**cfg.to_dict()["data"], "dataset_id": ctx["data_info"]["dataset_id"]}}
     record["run_id"] = tracking.child_run(c, ctx["experiment_id"], ctx["parent_run_id"], ctx["sweep_id"],
@@ -237,9 +234,19 @@ def train_driver_fn(trial_config: dict[str, Any], *, base: dict, ctx: dict, data
             callbacks=[TuneReportCallback()],
         )
     except TrialFailed as e:
-        record["error"] = str(e)
-        tracking.end_run(c, record["run_id"], "FAILED", record["error"])
-        record_file.write_text(json.dumps(record))
+        _trial_failed(c, record, record_file, ctx["metric"], str(e))
+
+
+def _trial_failed(c, record: dict, record_file: Path, metric: str, error: str) -> None:
+    """End a trial FAILED with its reason, for MLflow, for the driver (the trial record)
+    and for Tune: a function trainable must report its metric before it returns; NaN
+    makes Optuna count the trial as failed, and without `epoch` ASHA ignores it."""
+    from ray import tune
+
+    record["error"] = error
+    tracking.end_run(c, record["run_id"], "FAILED", error)
+    record_file.write_text(json.dumps(record))
+    tune.report({metric: float("nan"), "archlab_error": error})
 
 
 def max_concurrent_trials(cfg: ArchlabConfig) -> int:
@@ -345,7 +352,7 @@ def _run_tuner(cfg: ArchlabConfig, job: Job, sweep_id: str, parent_id: str, resu
     c = tracking.client(job.uri)
     _log_baselines(c, parent_id, job.baselines)
     ctx = {"uri": job.uri, "experiment_id": job.experiment_id, "parent_run_id": parent_id,
-           "sweep_id": sweep_id, "storage": job.storage, "data_info": job.data_info}
+           "sweep_id": sweep_id, "storage": job.storage, "data_info": job.data_info, "metric": metric}
     trainable = tune.with_resources(
         tune.with_parameters(train_driver_fn, base=cfg.to_dict(), ctx=ctx, datasets=job.datasets),
         {"cpu": 0.01},  # the trial driver only waits on its TorchTrainer; Tune refuses 0
