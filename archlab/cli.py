@@ -34,19 +34,44 @@ def _load(config: Optional[Path], sets: Optional[list[str]], smoke: bool):
     return load_config(config, sets or [], smoke_test=smoke)
 
 
-def _fail(e: Exception) -> None:
+def _one_line(e: BaseException) -> str:
+    return "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
+
+
+def _fail(e: BaseException, code: int = 2, label: str = "error") -> None:
+    """A user error: one line on stderr (no traceback), exit `code` (2: refused input)."""
+    from rich.markup import escape
+
     from rich.console import Console
 
-    Console(stderr=True).print(f"[bold red]error:[/] {e}", highlight=False, markup=True, soft_wrap=True)
-    raise typer.Exit(2)
+    Console(stderr=True).print(f"[bold red]{label}:[/] {escape(_one_line(e))}", highlight=False,
+                               markup=True, soft_wrap=True)
+    raise typer.Exit(code)
 
 
 def _user_errors():
-    from archlab.architectures.registry import UnknownArchitectureError
+    from archlab.architectures.registry import ArchConfigError, UnknownArchitectureError
     from archlab.platform.config import ConfigError
     from archlab.platform.shards import DataError
 
-    return (ConfigError, DataError, UnknownArchitectureError)
+    return (ConfigError, DataError, UnknownArchitectureError, ArchConfigError)
+
+
+def _run_job(fn):
+    """Run a train/sweep job: refused input exits 2, a training ended by a terminal error
+    (non-finite loss, ...) exits 1, SIGINT/SIGTERM exit 130; each as one line on stderr.
+    The job itself has ended its MLflow runs (FAILED / KILLED) before this prints."""
+    from archlab.platform.failures import Interrupted, TrialFailed, install_signal_handlers
+
+    install_signal_handlers()
+    try:
+        return fn()
+    except _user_errors() as e:
+        _fail(e)
+    except TrialFailed as e:
+        _fail(e, code=1, label="training failed")
+    except (Interrupted, KeyboardInterrupt) as e:
+        _fail(e if str(e) else "interrupted", code=130, label="stopped")
 
 
 def _where(result: dict) -> None:
@@ -97,14 +122,14 @@ def archs() -> None:
 def train(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt, smoke_test: bool = SmokeOpt) -> None:
     """Train one architecture (model.arch) with Ray Train DDP; track and register it."""
     _setup_logging()
-    try:
-        cfg = _load(config, set_, smoke_test)
-        from archlab.platform.leaderboard import render
+    from archlab.platform.leaderboard import render
+
+    def job():
         from archlab.platform.sweep import run_train
 
-        result = run_train(cfg)
-    except _user_errors() as e:
-        _fail(e)
+        return run_train(_load(config, set_, smoke_test))
+
+    result = _run_job(job)
     render(result["leaderboard"])
     _print_registry(result["registry"])
     _where(result)
@@ -119,18 +144,21 @@ def sweep(
 ) -> None:
     """Ray Tune sweep: Optuna TPE over architectures and their spaces, ASHA early stopping."""
     _setup_logging()
-    try:
-        cfg = _load(config, set_, smoke_test)
-        from archlab.platform.leaderboard import render
+    from archlab.platform.leaderboard import render
+
+    def job():
         from archlab.platform.sweep import run_sweep
 
-        result = run_sweep(cfg, resume=resume)
-    except _user_errors() as e:
-        _fail(e)
+        return run_sweep(_load(config, set_, smoke_test), resume=resume)
+
+    result = _run_job(job)
     render(result["leaderboard"])
     _print_registry(result["registry"])
-    n_err = sum(1 for t in result["trials"] if t.get("error"))
+    errored = [t for t in result["trials"] if t.get("error")]
+    n_err = len(errored)
     print(f"sweep {result['sweep_id']}: {len(result['trials'])} trials, {n_err} errored")
+    for t in errored:
+        print(f"  trial {t['trial_id']}: {_one_line(t['error'])}")
     _where(result)
     if n_err == len(result["trials"]):
         raise typer.Exit(1)

@@ -13,8 +13,9 @@ def test_restarted_trial_and_resumed_sweep_reuse_their_runs(tmp_path):
     c = tracking.client(uri)
     exp = tracking.experiment_id(c, "restart-test")
     assert tracking.experiment_id(c, "restart-test") == exp
-    parent = tracking.parent_run(c, exp, "s-1", {"train": {"lr": 0.1}})
-    assert tracking.parent_run(c, exp, "s-1", {"train": {"lr": 0.1}}) == parent
+    parent = tracking.parent_run(c, exp, "s-1", {"train": {"lr": 0.1}}, job_id="job-a")
+    # only a resume that names the recorded run gets it back
+    assert tracking.parent_run(c, exp, "s-1", {"train": {"lr": 0.1}}, job_id="job-a", run_id=parent) == parent
     params = {"arch": "lstm", "train": {"lr": 0.1}}
     first = tracking.child_run(c, exp, parent, "s-1", "abc_00001", "lstm", params)
     c.set_terminated(first, "FAILED")
@@ -26,4 +27,4 @@ def test_restarted_trial_and_resumed_sweep_reuse_their_runs(tmp_path):
     assert sorted(r.info.run_name for r in runs) == ["trial-abc_00001", "trial-abc_00002"]
     assert c.get_run(first).data.params == {"arch": "lstm", "train.lr": "0.1"}
     # a second sweep of the same name is a new parent run
-    assert tracking.parent_run(c, exp, "s-2", {}) != parent
+    assert tracking.parent_run(c, exp, "s-2", {}, job_id="job-b") != parent

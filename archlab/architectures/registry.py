@@ -36,10 +36,17 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
+import types
+import typing
 from dataclasses import dataclass
 from typing import Any
 
 TASKS = ("vector", "token")
+
+
+class ArchConfigError(ValueError):
+    """A bad architecture config (flavor, field name or field type): names the field,
+    what was expected and what was found. A user error, refused on the driver."""
 
 
 class UnknownArchitectureError(KeyError):
@@ -121,27 +128,82 @@ def load_module(name: str):
     return importlib.import_module(get_spec(name).module)
 
 
+def _type_name(tp) -> str:
+    if isinstance(tp, type):
+        return tp.__name__
+    return str(tp).replace("typing.", "")
+
+
+def _matches(value: Any, tp) -> bool:
+    """Does `value` (as YAML/JSON/--set give it) fit the annotation `tp`? Plain types,
+    Optional/unions, Literal, list/tuple/dict of them; anything else is accepted."""
+    if tp is Any or tp is typing.Any:
+        return True
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in typing.get_args(tp))
+    if origin is typing.Literal:
+        return value in typing.get_args(tp)
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:  # an int is a fine float (YAML writes 1 for 1.0)
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is str:
+        return isinstance(value, str)
+    if origin in (list, tuple) or tp in (list, tuple):
+        if not isinstance(value, (list, tuple)):  # JSON turns tuples into lists
+            return False
+        args = [a for a in typing.get_args(tp) if a is not Ellipsis]
+        if origin is tuple and len(args) > 1 and len(typing.get_args(tp)) == len(value):
+            return all(_matches(v, a) for v, a in zip(value, args))
+        return not args or all(_matches(v, args[0]) for v in value)
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            return False
+        args = typing.get_args(tp)
+        return not args or all(_matches(k, args[0]) and _matches(v, args[1]) for k, v in value.items())
+    return True  # an annotation this check does not know: the dataclass decides
+
+
+def check_field_types(name: str, config_cls, overrides: dict[str, Any]) -> None:
+    """Refuse an override whose value does not fit the Config field's annotation, naming
+    `model.<field>`, the expected type and the value found (before any worker builds it)."""
+    hints = typing.get_type_hints(config_cls)
+    for key, value in overrides.items():
+        tp = hints.get(key)
+        if tp is not None and not _matches(value, tp):
+            raise ArchConfigError(
+                f"model.{key}: expected {_type_name(tp)}, found {value!r} (architecture {name!r})"
+            )
+
+
 def make_config(name: str, flavor: str = "debug", overrides: dict[str, Any] | None = None):
-    """The flavor's Config with `overrides` applied; unknown fields and flavors name themselves."""
+    """The flavor's Config with `overrides` applied; unknown fields and flavors name
+    themselves, and every override is type-checked against the Config's annotations."""
     mod = load_module(name)
     if flavor not in mod.FLAVORS:
-        raise ValueError(
-            f"architecture {name!r} has no flavor {flavor!r}; flavors: {', '.join(mod.FLAVORS)}"
+        raise ArchConfigError(
+            f"model.flavor: architecture {name!r} has no flavor {flavor!r}; flavors: {', '.join(mod.FLAVORS)}"
         )
     base = mod.FLAVORS[flavor]
     overrides = dict(overrides or {})
     fields = {f.name: f for f in dataclasses.fields(base)}
     for key, value in overrides.items():
         if key not in fields:
-            raise ValueError(
+            raise ArchConfigError(
                 f"model.{key}: {name!r} has no such config field; fields: {', '.join(fields)}"
             )
+    check_field_types(name, type(base), overrides)
     cfg = dataclasses.replace(base, **overrides)
     # Configs are data: refuse anything that would not survive JSON (Tune, Optuna, MLflow).
     try:
         json.dumps(dataclasses.asdict(cfg))
     except TypeError as e:
-        raise ValueError(f"{name} config is not JSON-serialisable: {e}") from None
+        raise ArchConfigError(f"{name} config is not JSON-serialisable: {e}") from None
     return cfg
 
 

@@ -105,6 +105,9 @@ class TrainConfig(_Strict):
     # fault injection for restart tests: raise once at this epoch unless resumed (-1 = off)
     fail_once_at_epoch: int = -1
     fail_once_at_step: int = -1  # the same, after this optimizer step (mid-epoch checkpoint tests)
+    # fault injection for reliability tests: a NaN loss at this optimizer step on every
+    # rank and every try, as a diverged run gives (-1 = off)
+    inject_nan_at_step: int = -1
 
     @model_validator(mode="after")
     def _one_warmup(self) -> "TrainConfig":
@@ -243,5 +246,6 @@ def load_config(
         for err in e.errors():
             field = ".".join(str(x) for x in err["loc"])
             found = err.get("input")
-            lines.append(f"  {field}: {err['msg']} (found {found!r})")
-        raise ConfigError(f"{source}: invalid config\n" + "\n".join(lines)) from None
+            lines.append(f"{field}: {err['msg']} (found {found!r})")
+        # one line: the CLI prints a user error as a single line
+        raise ConfigError(f"{source}: invalid config: " + "; ".join(lines)) from None

@@ -73,12 +73,20 @@ def start_local_ray(num_cpus: int, **kwargs) -> str:
     by scanning the machine, and the scan fails when several Ray instances share a
     machine ("Found multiple active Ray instances"). So the GCS port is chosen first
     (RAY_GCS_SERVER_PORT, read by Ray when it starts a head) and RAY_ADDRESS goes into the
-    job's runtime_env. Returns the GCS address."""
+    job's runtime_env. Returns the GCS address.
+
+    No orphans (orphans.py): Ray's processes are started with this driver's owner marker
+    in their environment and a watchdog stops them when the driver dies, however it dies;
+    first, what dead archlab drivers left is stopped (by their marker, nothing else)."""
     import socket
 
     import ray
     from ray._private.services import get_node_ip_address
 
+    from archlab.platform import orphans
+
+    orphans.reap_dead_owners()
+    owner = orphans.new_owner()
     for attempt in range(3):
         with socket.socket() as sock:
             sock.bind(("", 0))
@@ -86,17 +94,20 @@ def start_local_ray(num_cpus: int, **kwargs) -> str:
         address = f"{get_node_ip_address()}:{port}"
         old = os.environ.get("RAY_GCS_SERVER_PORT")
         os.environ["RAY_GCS_SERVER_PORT"] = str(port)
+        os.environ[orphans.MARKER] = owner  # inherited by every process of this Ray
         try:
             # address="local": without it, ray.init() attaches to any cluster a `ray start`
             # left on this machine instead of starting ours
             ray.init(address="local", num_cpus=num_cpus, include_dashboard=True,
                      runtime_env={"env_vars": {**_ENV, "RAY_ADDRESS": address}}, **kwargs)
+            orphans.start_watchdog(owner)
             return address
         except Exception as e:  # the port was taken between choosing and binding it
             if attempt == 2 or ray.is_initialized():
                 raise
             log.warning("local Ray did not start on GCS port %d (%s); trying another", port, e)
-        finally:  # never leak the port choice into child processes
+        finally:  # never leak the port choice (or the marker) into other child processes
+            os.environ.pop(orphans.MARKER, None)
             if old is None:
                 os.environ.pop("RAY_GCS_SERVER_PORT", None)
             else:

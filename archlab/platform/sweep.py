@@ -4,15 +4,28 @@ define-by-run space that first picks the architecture, and ASHA on the platform'
 
 Everything that can be refused is refused here, on the driver, before any worker starts:
 the config, every architecture name and its search space, the data (manifest, shard
-footers, rows). MLflow gets a parent run per sweep and a child run per trial.
+footers, rows). MLflow gets a parent run per job and a child run per trial.
+
+Reliability rules (issue 11):
+- a job's identity is a UUID recorded with its parent run id in `<storage>/<sweep_id>/
+  archlab_job.json`: a new job always makes new runs; `--resume` reuses that job's runs;
+- a trial's final checkpoint and metrics are read from its Train run's checkpoints in the
+  storage (not from Tune's last result, which a killed driver may have left stale); a
+  restarted trial whose Train run had already finished reports those metrics again;
+- a trial that ends with a terminal error (failures.TERMINAL_ERRORS) is FAILED, with the
+  reason on its run, and not retried; a trial without a loadable checkpoint is an error;
+- every run the job opened is ended FAILED or KILLED on every exit path.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
+import json
 import logging
 import math
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +38,10 @@ from archlab.platform.data import DatasetInfo
 from archlab.search_spaces import MODEL_SETTINGS
 
 log = logging.getLogger("archlab")
+
+CHAMPION_ALIAS = tracking.CHAMPION
+JOB_FILE = "archlab_job.json"  # <storage>/<sweep_id>/: the job's UUID and its parent run
+TRIAL_FILE = "archlab_trial.json"  # in each Tune trial folder: trial id, run id, Train run, error
 
 
 @dataclass
@@ -103,6 +120,30 @@ def _check_max_length(cfg: ArchlabConfig, arch: str, mod, arch_cfg, space: dict)
         )
 
 
+def _data_info(info: DatasetInfo) -> dict[str, Any]:
+    return {
+        "dim": info.dim, "vocab_size": info.vocab_size, "dataset_id": info.dataset_id,
+        "dataset_name": info.name, "tokens_per_byte": info.tokens_per_byte,
+    }
+
+
+def check_model_builds(cfg: ArchlabConfig, info: DatasetInfo | dict[str, Any]) -> None:
+    """Build the configured model once on the driver: a combination its Config accepts
+    but its module refuses (d_model not divisible by n_heads, ...) fails here, naming the
+    architecture, not in every worker."""
+    from archlab.architectures.registry import ArchConfigError
+    from archlab.platform.train import build_from_spec, model_spec
+
+    data_info = info if isinstance(info, dict) else _data_info(info)
+    try:
+        build_from_spec(model_spec(cfg, data_info))
+    except (ValueError, TypeError, AssertionError) as e:
+        raise ArchConfigError(
+            f"model: {cfg.model.arch!r} (flavor {cfg.model.flavor!r}) does not build with "
+            f"{cfg.model.arch_overrides() or 'no overrides'}: {type(e).__name__}: {e}"
+        ) from None
+
+
 def prepare_job(cfg: ArchlabConfig) -> Job:
     from archlab.platform.data import inspect_dataset, make_ray_datasets, materialized_windows, train_window_count
     from archlab.platform.runtime import init_ray, storage_path, tracking_uri
@@ -111,6 +152,7 @@ def prepare_job(cfg: ArchlabConfig) -> Job:
     info = inspect_dataset(cfg)  # before Ray starts: bad data fails fast
     n_windows = train_window_count(cfg, info)  # plans the LR schedule's length
     check_schedule(cfg, {"train_windows": n_windows})
+    check_model_builds(cfg, info)
     storage = storage_path(cfg)
     uri = tracking_uri(cfg)
     init_ray(cfg)
@@ -119,12 +161,8 @@ def prepare_job(cfg: ArchlabConfig) -> Job:
     baselines = compute_baselines(cfg, info, windows)
     c = tracking.client(uri)
     exp_id = tracking.experiment_id(c, cfg.tracking.experiment or cfg.sweep.name)
-    data_info = {
-        "dim": info.dim, "vocab_size": info.vocab_size, "dataset_id": info.dataset_id,
-        "dataset_name": info.name, "tokens_per_byte": info.tokens_per_byte,
-        "train_windows": n_windows,
-    }
-    return Job(cfg, info, datasets, windows, baselines, uri, storage, exp_id, data_info)
+    return Job(cfg, info, datasets, windows, baselines, uri, storage, exp_id,
+               {**_data_info(info), "train_windows": n_windows})
 
 
 def compute_baselines(cfg: ArchlabConfig, info: DatasetInfo, windows: np.ndarray) -> dict[str, dict[str, float]]:
@@ -183,26 +221,82 @@ def define_space(trial, archs: list[str], smoke: bool, overrides: dict, task: st
     suggest(trial, arch, load_space(arch, smoke=smoke, overrides=overrides.get(arch), task=task))
 
 
+def latest_checkpoint(train_dir: str | Path) -> tuple[str, dict[str, Any]] | None:
+    """The Train run's last complete checkpoint (highest epoch in its metrics.json, with
+    the model state and spec beside it) and its metrics, or None."""
+    from archlab.platform.train import SPEC_FILE, STATE_FILE
+
+    best = None
+    for d in Path(train_dir).glob("checkpoint_*"):
+        if not ((d / STATE_FILE).is_file() and (d / SPEC_FILE).is_file() and (d / "metrics.json").is_file()):
+            continue  # a checkpoint being written or deleted when the driver stopped
+        try:
+            metrics = json.loads((d / "metrics.json").read_text())
+            json.loads((d / SPEC_FILE).read_text())
+        except (OSError, ValueError):
+            continue
+        key = (metrics.get("epoch", 0), d.name)
+        if best is None or key > best[0]:
+            best = (key, str(d), metrics)
+    return None if best is None else (best[1], best[2])
+
+
 def train_driver_fn(trial_config: dict[str, Any], *, base: dict, ctx: dict, datasets: dict) -> None:
-    """Layer 2: one Tune trial launches one TorchTrainer and forwards its reports to Tune."""
+    """Layer 2: one Tune trial launches one TorchTrainer and forwards its reports to Tune.
+
+    A trial restarted after its Train run had finished (the sweep driver was killed after
+    the last epoch) reports that run's last metrics again instead of training nothing. A
+    terminal error ends the trial FAILED with its reason and returns: Tune would retry a
+    raise, and the error would come back the same."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from archlab.platform.failures import TERMINAL_ERRORS, TrialFailed, describe
     from archlab.platform.train import fit_trainer
 
-    trial_id = tune.get_context().get_trial_id()
-    cfg = trial_cfg(base, trial_config)
+    tctx = tune.get_context()
+    trial_id = tctx.get_trial_id()
+    name = f"train-trial_id={trial_id}"  # no timestamp: a restarted trial resumes its run
+    record = {"trial_id": trial_id, "train_dir": str(Path(ctx["storage"]) / name), "run_id": None, "error": None}
+    record_file = Path(tctx.get_trial_dir()) / TRIAL_FILE
     c = tracking.client(ctx["uri"])
+    try:
+        cfg = trial_cfg(base, trial_config)
+        check_model_builds(cfg, ctx["data_info"])
+    except TERMINAL_ERRORS as e:  # a sampled combination the architecture refuses
+        arch = trial_config.get("arch", "?")
+        record["run_id"] = tracking.child_run(c, ctx["experiment_id"], ctx["parent_run_id"], ctx["sweep_id"],
+                                              trial_id, arch, {"arch": arch, "trial_config": trial_config})
+        return _trial_failed(c, record, record_file, ctx["metric"], describe(e))
     params = {"arch": cfg.model.arch, "trial_id": trial_id, **cfg.to_dict(),
               "data": {**cfg.to_dict()["data"], "dataset_id": ctx["data_info"]["dataset_id"]}}
-    run_id = tracking.child_run(c, ctx["experiment_id"], ctx["parent_run_id"], ctx["sweep_id"],
-                                trial_id, cfg.model.arch, params)
-    fit_trainer(
-        cfg, datasets, ctx["data_info"],
-        name=f"train-trial_id={trial_id}",  # no timestamp: a restarted trial resumes its run
-        storage=ctx["storage"], tracking_uri=ctx["uri"], run_id=run_id,
-        callbacks=[TuneReportCallback()],
-    )
+    record["run_id"] = tracking.child_run(c, ctx["experiment_id"], ctx["parent_run_id"], ctx["sweep_id"],
+                                          trial_id, cfg.model.arch, params)
+    record_file.write_text(json.dumps(record))
+    done = latest_checkpoint(record["train_dir"])
+    if done is not None and done[1].get("epoch", 0) >= cfg.train.epochs:
+        tune.report({**done[1], "checkpoint_path": done[0]})
+        return
+    try:
+        fit_trainer(
+            cfg, datasets, ctx["data_info"], name=name,
+            storage=ctx["storage"], tracking_uri=ctx["uri"], run_id=record["run_id"],
+            callbacks=[TuneReportCallback()],
+        )
+    except TrialFailed as e:
+        _trial_failed(c, record, record_file, ctx["metric"], str(e))
+
+
+def _trial_failed(c, record: dict, record_file: Path, metric: str, error: str) -> None:
+    """End a trial FAILED with its reason, for MLflow, for the driver (the trial record)
+    and for Tune: a function trainable must report its metric before it returns; NaN
+    makes Optuna count the trial as failed, and without `epoch` ASHA ignores it."""
+    from ray import tune
+
+    record["error"] = error
+    tracking.end_run(c, record["run_id"], "FAILED", error)
+    record_file.write_text(json.dumps(record))
+    tune.report({metric: float("nan"), "archlab_error": error})
 
 
 def max_concurrent_trials(cfg: ArchlabConfig) -> int:
@@ -221,36 +315,94 @@ def max_concurrent_trials(cfg: ArchlabConfig) -> int:
 
 
 def _sweep_id(storage: str, name: str, resume: bool) -> str:
-    """`<name>-<n>`: a new sweep takes the next free n; --resume takes the latest."""
-    existing = sorted(
-        (int(p.name.rsplit("-", 1)[1]) for p in Path(storage).glob(f"{name}-*") if p.name.rsplit("-", 1)[1].isdigit()),
-    )
+    """`<name>-<n>`: a new sweep takes (and creates) the next free folder, so two jobs
+    starting together never share one; --resume takes the latest."""
+    def taken() -> list[int]:
+        return sorted(int(p.name.rsplit("-", 1)[1]) for p in Path(storage).glob(f"{name}-*")
+                      if p.name.rsplit("-", 1)[1].isdigit())
+
+    existing = taken()
     if resume:
         if not existing:
             raise ConfigError(f"--resume: no earlier sweep named {name!r} under {storage}")
         return f"{name}-{existing[-1]}"
-    return f"{name}-{(existing[-1] + 1) if existing else 1}"
+    n = (existing[-1] + 1) if existing else 1
+    while True:
+        try:
+            (Path(storage) / f"{name}-{n}").mkdir(parents=True)
+            return f"{name}-{n}"
+        except FileExistsError:
+            n += 1
+
+
+def _job_record(storage: str, sweep_id: str, uri: str, resume: bool) -> dict[str, Any]:
+    """The job's identity. New: a fresh UUID (runs are created for it). Resume: the UUID
+    and parent run id this sweep recorded, on the same MLflow store."""
+    path = Path(storage) / sweep_id / JOB_FILE
+    if not resume:
+        return {"job_id": uuid.uuid4().hex, "sweep_id": sweep_id, "tracking_uri": uri, "parent_run_id": None}
+    if not path.is_file():
+        raise ConfigError(f"--resume: {path} not found: sweep {sweep_id} has no recorded job to resume")
+    rec = json.loads(path.read_text())
+    if rec.get("tracking_uri") != uri:
+        raise ConfigError(f"--resume: sweep {sweep_id} was tracked at {rec.get('tracking_uri')}, not {uri}")
+    return rec
+
+
+def _write_job_record(storage: str, rec: dict[str, Any]) -> None:
+    path = Path(storage) / rec["sweep_id"] / JOB_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(rec))
+    tmp.replace(path)  # atomic: a kill never leaves half a record
+
+
+@contextlib.contextmanager
+def ends_runs_on_exit(c, exp_id: str, parent_id: str):
+    """Whatever stops the job, its runs do not stay RUNNING: an interrupt (SIGINT, or
+    SIGTERM turned into one by the CLI) ends them KILLED, an error FAILED with its text."""
+    from archlab.platform.failures import describe
+
+    try:
+        yield
+    except BaseException as e:
+        status = "KILLED" if isinstance(e, (KeyboardInterrupt, SystemExit)) else "FAILED"
+        try:
+            ended = tracking.end_open_runs(c, exp_id, parent_id, status, describe(e))
+            log.warning("job stopped (%s): %d run(s) ended %s", describe(e), len(ended), status)
+        except Exception as inner:  # the store itself may be what failed; keep the first error
+            log.error("could not end the job's runs %s: %s", status, inner)
+        raise
 
 
 def run_sweep(cfg: ArchlabConfig, resume: bool = False, progress=None) -> dict[str, Any]:
     """Layer 3: Tuner(train_driver_fn) with OptunaSearch + ConcurrencyLimiter + ASHA."""
+    check_archs(cfg, cfg.sweep.archs, cfg.smoke_test)
+    job = prepare_job(cfg)
+    sweep_id = _sweep_id(job.storage, cfg.sweep.name, resume)
+    rec = _job_record(job.storage, sweep_id, job.uri, resume)
+    c = tracking.client(job.uri)
+    parent_id = tracking.parent_run(c, job.experiment_id, sweep_id, {
+        **cfg.to_dict(), "data": {**cfg.to_dict()["data"], "dataset_id": job.info.dataset_id},
+    }, job_id=rec["job_id"], run_id=rec["parent_run_id"])
+    rec["parent_run_id"] = parent_id
+    _write_job_record(job.storage, rec)
+    with ends_runs_on_exit(c, job.experiment_id, parent_id):
+        return _run_tuner(cfg, job, sweep_id, parent_id, resume)
+
+
+def _run_tuner(cfg: ArchlabConfig, job: Job, sweep_id: str, parent_id: str, resume: bool) -> dict[str, Any]:
     import optuna
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
 
-    check_archs(cfg, cfg.sweep.archs, cfg.smoke_test)
-    job = prepare_job(cfg)
     metric, mode = cfg.metric()
-    sweep_id = _sweep_id(job.storage, cfg.sweep.name, resume)
     c = tracking.client(job.uri)
-    parent_id = tracking.parent_run(c, job.experiment_id, sweep_id, {
-        **cfg.to_dict(), "data": {**cfg.to_dict()["data"], "dataset_id": job.info.dataset_id},
-    })
     _log_baselines(c, parent_id, job.baselines)
     ctx = {"uri": job.uri, "experiment_id": job.experiment_id, "parent_run_id": parent_id,
-           "sweep_id": sweep_id, "storage": job.storage, "data_info": job.data_info}
+           "sweep_id": sweep_id, "storage": job.storage, "data_info": job.data_info, "metric": metric}
     trainable = tune.with_resources(
         tune.with_parameters(train_driver_fn, base=cfg.to_dict(), ctx=ctx, datasets=job.datasets),
         {"cpu": 0.01},  # the trial driver only waits on its TorchTrainer; Tune refuses 0
@@ -285,13 +437,14 @@ def run_sweep(cfg: ArchlabConfig, resume: bool = False, progress=None) -> dict[s
         )
     grid = tuner.fit()
     trials = [_trial_outcome(result, job, parent_id) for result in grid]
-    decisions = finalize(job, [t for t in trials if t.get("spec")], role_parent=parent_id)
+    decisions = finalize(job, [t for t in trials if t.get("spec") and not t.get("error")], role_parent=parent_id)
     from archlab.platform.leaderboard import leaderboard
 
     board = leaderboard(job.uri, job.experiment_id, parent_id, metric, mode)
-    tracking.log_metrics(c, parent_id, {"n_trials": len(trials), "n_errors": sum(1 for t in trials if t.get("error"))})
+    n_errors = sum(1 for t in trials if t.get("error"))
+    tracking.log_metrics(c, parent_id, {"n_trials": len(trials), "n_errors": n_errors})
     c.log_text(parent_id, board["markdown"], "leaderboard.md")
-    c.set_terminated(parent_id, "FINISHED")
+    tracking.end_run(c, parent_id, "FINISHED")
     return {"sweep_id": sweep_id, "parent_run_id": parent_id, "trials": trials, "registry": decisions,
             "leaderboard": board, "experiment_id": job.experiment_id, "tracking_uri": job.uri}
 
@@ -306,26 +459,37 @@ def _log_baselines(c, run_id: str, baselines: dict[str, dict[str, float]]) -> No
 
 
 def _trial_outcome(result, job: Job, parent_id: str) -> dict[str, Any]:
-    """Read one finished trial: its child run, its last checkpoint and metrics."""
-    import json
-
-    metrics = dict(result.metrics or {})
+    """Read one trial: its record (trial id, run, terminal error), then its final
+    checkpoint and metrics from its Train run's checkpoints, not from Tune's last result
+    (after a driver kill that may be stale or point at a deleted checkpoint). A trial
+    without a loadable checkpoint is an error, never skipped."""
     c = tracking.client(job.uri)
-    trial_id = metrics.get("trial_id") or Path(result.path or "").name
-    runs = c.search_runs([job.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'",
-                         max_results=5000)
-    run = next((r for r in runs if r.data.tags.get(tracking.TAG_TRIAL) == str(trial_id)), None)
-    ckpt_dir = metrics.get("checkpoint_path")
-    metric, _ = job.cfg.metric()
-    error = repr(result.error) if result.error else None
-    if error is None and metric not in metrics:
-        error = f"no result reported (the trial ended before its first evaluation: no {metric})"
-    out = {"trial_id": trial_id, "metrics": metrics, "run_id": run.info.run_id if run else None, "error": error}
-    if ckpt_dir and Path(ckpt_dir, "model_spec.json").exists():
-        out["spec"] = json.loads(Path(ckpt_dir, "model_spec.json").read_text())
-        out["checkpoint"] = ckpt_dir
-    if run is not None:
-        c.set_terminated(run.info.run_id, "FAILED" if error else "FINISHED")
+    rec_file = Path(result.path or "") / TRIAL_FILE
+    rec = json.loads(rec_file.read_text()) if rec_file.is_file() else {}
+    trial_id = rec.get("trial_id") or (result.metrics or {}).get("trial_id") or Path(result.path or "").name
+    run_id = rec.get("run_id")
+    if run_id is None:  # the trial died before writing its record: find its run by tag
+        runs = c.search_runs([job.experiment_id], max_results=1, filter_string=(
+            f"tags.`mlflow.parentRunId` = '{parent_id}' and tags.`{tracking.TAG_TRIAL}` = '{trial_id}'"))
+        run_id = runs[0].info.run_id if runs else None
+    error = rec.get("error") or (repr(result.error) if result.error else None)
+    metrics = dict(result.metrics or {})
+    out = {"trial_id": trial_id, "metrics": metrics, "run_id": run_id, "error": error}
+    found = latest_checkpoint(rec["train_dir"]) if rec.get("train_dir") else None
+    if found is not None:
+        ckpt, ckpt_metrics = found
+        out["metrics"] = {**metrics, **ckpt_metrics, "checkpoint_path": ckpt}
+        out["checkpoint"] = ckpt
+        out["spec"] = json.loads((Path(ckpt) / "model_spec.json").read_text())
+    elif error is None:
+        where = rec.get("train_dir") or result.path
+        error = out["error"] = f"no loadable checkpoint under {where} (the trial ended before its first epoch)"
+    if run_id is not None:
+        status = c.get_run(run_id).info.status
+        if error and status != "FAILED":
+            tracking.end_run(c, run_id, "FAILED", error)
+        elif not error and status != "FINISHED":
+            tracking.end_run(c, run_id, "FINISHED")
     return out
 
 
@@ -372,24 +536,54 @@ def _latency_ms(model, windows: np.ndarray, task: str) -> float:
         torch.set_num_threads(threads)
 
 
+TAG_MODEL_URI = "archlab.model_uri"  # set on a run once its final model is logged
+
+
+def _registered_version(c, name: str, run_id: str):
+    """The version of `name` already registered from `run_id` (a resumed job), or None."""
+    try:
+        versions = c.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    except Exception:  # no such registered model yet
+        return None
+    return max(versions, key=lambda v: int(v.version)) if versions else None
+
+
 def finalize(job: Job, trials: list[dict[str, Any]], role_parent: str | None = None) -> list[dict[str, Any]]:
     """Log every trial's final model to its run; register the best trial per architecture
-    and move `champion` only if it beats the current one on the same windows."""
+    and move `champion` only if it beats the current one on the same windows.
+
+    Idempotent for a resumed job: a run whose model is already logged (tag
+    archlab.model_uri) is not logged again, and a run already registered under a name
+    gets no second version. A trial whose checkpoint does not load is an error."""
     cfg = job.cfg
     metric, mode = cfg.metric()
+    c = tracking.client(job.uri)
     example = job.valid_windows[:2, :-1]
     example = example.astype(np.float32 if cfg.train.task == "vector" else np.int64)
     best: dict[str, dict[str, Any]] = {}
     for t in trials:
         if t.get("run_id") is None:
             continue
-        t["model"] = _load_trial_model(t)
-        t["model_uri"] = tracking.log_model(job.uri, t["run_id"], t["model"], t["spec"], example)
+        try:
+            t["model"] = _load_trial_model(t)
+        except Exception as e:
+            from archlab.platform.failures import describe
+
+            t["error"] = f"checkpoint {t['checkpoint']} does not load: {describe(e)}"
+            tracking.end_run(c, t["run_id"], "FAILED", t["error"])
+            continue
+        run = c.get_run(t["run_id"])
         final = {"latency_ms": _latency_ms(t["model"], job.valid_windows, cfg.train.task)}
         if cfg.train.task == "vector":
             final.update(_vector_final(t["model"], job.valid_windows))
+        if TAG_MODEL_URI in run.data.tags:
+            t["model_uri"] = run.data.tags[TAG_MODEL_URI]
+            final = {k: run.data.metrics.get(k, v) for k, v in final.items()}  # logged once, before the kill
+        else:
+            t["model_uri"] = tracking.log_model(job.uri, t["run_id"], t["model"], t["spec"], example)
+            tracking.log_metrics(c, t["run_id"], final)
+            c.set_tag(t["run_id"], TAG_MODEL_URI, t["model_uri"])
         t["metrics"].update(final)
-        tracking.log_metrics(tracking.client(job.uri), t["run_id"], final)
         score = t["metrics"].get(metric)
         if score is None or (isinstance(score, float) and math.isnan(score)):
             continue
@@ -402,6 +596,14 @@ def finalize(job: Job, trials: list[dict[str, Any]], role_parent: str | None = N
         return decisions
     for arch, t in sorted(best.items()):
         name = f"{cfg.tracking.registry_prefix}-{cfg.train.task}-{arch}"
+        done = _registered_version(c, name, t["run_id"])
+        if done is not None:
+            tags = done.tags or {}
+            d = {"name": name, "version": done.version, "score": float(tags.get("archlab.eval_score", "nan")),
+                 "promoted": CHAMPION_ALIAS in (done.aliases or []),
+                 "reason": f"already registered before the resume ({tags.get('archlab.champion_decision', '')})"}
+            decisions.append(d)
+            continue
         tags = {
             "arch": arch, "task": cfg.train.task, "dataset_id": job.info.dataset_id,
             "dataset": job.info.name, "metric": metric, "metric_value": f"{t['metrics'][metric]:.6f}",
@@ -416,35 +618,54 @@ def finalize(job: Job, trials: list[dict[str, Any]], role_parent: str | None = N
 
 
 def run_train(cfg: ArchlabConfig) -> dict[str, Any]:
-    """`archlab train`: one TorchTrainer, no Tune; tracked and registered like a trial."""
-    import json
-
-    from archlab.platform.train import fit_trainer
-
+    """`archlab train`: one TorchTrainer, no Tune; tracked and registered like a trial.
+    Always a new job: new parent and child runs, a new Train run folder."""
     check_archs(cfg, [cfg.model.arch], cfg.smoke_test)
     job = prepare_job(cfg)
     c = tracking.client(job.uri)
-    run_name = f"train-{cfg.model.arch}"
-    sweep_id = _sweep_id(job.storage, run_name, resume=False)
+    sweep_id = _sweep_id(job.storage, f"train-{cfg.model.arch}", resume=False)
+    rec = _job_record(job.storage, sweep_id, job.uri, resume=False)
     parent_id = tracking.parent_run(c, job.experiment_id, sweep_id, {
         **cfg.to_dict(), "data": {**cfg.to_dict()["data"], "dataset_id": job.info.dataset_id},
-    })
+    }, job_id=rec["job_id"])
+    rec["parent_run_id"] = parent_id
+    _write_job_record(job.storage, rec)
+    with ends_runs_on_exit(c, job.experiment_id, parent_id):
+        return _train_one(cfg, job, sweep_id, parent_id)
+
+
+def _train_one(cfg: ArchlabConfig, job: Job, sweep_id: str, parent_id: str) -> dict[str, Any]:
+    from archlab.platform.failures import TrialFailed
+    from archlab.platform.train import fit_trainer
+
+    c = tracking.client(job.uri)
     _log_baselines(c, parent_id, job.baselines)
     run_id = tracking.child_run(c, job.experiment_id, parent_id, sweep_id, sweep_id, cfg.model.arch,
-                                {"arch": cfg.model.arch, **cfg.to_dict()})
-    result = fit_trainer(cfg, job.datasets, job.data_info, name=sweep_id, storage=job.storage,
-                         tracking_uri=job.uri, run_id=run_id)
+                                {"arch": cfg.model.arch, **cfg.to_dict(),
+                                 "data": {**cfg.to_dict()["data"], "dataset_id": job.info.dataset_id}})
+    try:
+        result = fit_trainer(cfg, job.datasets, job.data_info, name=sweep_id, storage=job.storage,
+                             tracking_uri=job.uri, run_id=run_id)
+    except TrialFailed as e:  # terminal: the run is FAILED with its reason, nothing is retried
+        tracking.end_run(c, run_id, "FAILED", str(e))
+        raise
+    found = latest_checkpoint(Path(job.storage) / sweep_id)
     metrics = dict(result.metrics or {})
     trial = {"trial_id": sweep_id, "metrics": metrics, "run_id": run_id, "error": None}
-    if result.checkpoint is not None:
-        trial["checkpoint"] = result.checkpoint.path
-        trial["spec"] = json.loads(Path(result.checkpoint.path, "model_spec.json").read_text())
+    if found is not None:
+        trial["checkpoint"] = found[0]
+        trial["metrics"] = metrics = {**metrics, **found[1]}
+        trial["spec"] = json.loads(Path(found[0], "model_spec.json").read_text())
     decisions = finalize(job, [trial] if "spec" in trial else [])
-    c.set_terminated(run_id, "FINISHED")
+    if trial.get("error") or "spec" not in trial:
+        reason = trial.get("error") or f"no loadable checkpoint under {Path(job.storage) / sweep_id}"
+        tracking.end_run(c, run_id, "FAILED", reason)
+        raise TrialFailed(reason)
+    tracking.end_run(c, run_id, "FINISHED")
     metric, mode = cfg.metric()
     from archlab.platform.leaderboard import leaderboard
 
     board = leaderboard(job.uri, job.experiment_id, parent_id, metric, mode)
-    c.set_terminated(parent_id, "FINISHED")
+    tracking.end_run(c, parent_id, "FINISHED")
     return {"sweep_id": sweep_id, "parent_run_id": parent_id, "run_id": run_id, "metrics": metrics,
             "registry": decisions, "leaderboard": board, "tracking_uri": job.uri}

@@ -1,9 +1,14 @@
 """MLflow: experiments, a parent run per sweep, one child run per trial, the registry.
 
 Rules (DESIGN.md):
-- one experiment per sweep name; a parent run per sweep; each trial is a child run made
-  with MlflowClient, named `trial-<trial_id>` and found again by its tag when the trial
-  restarts, so a restart never duplicates it;
+- one experiment per sweep name; a parent run per job; each trial is a child run made
+  with MlflowClient, named `trial-<trial_id>` and found again by its tag under its parent
+  when the trial restarts, so a restart never duplicates it;
+- a run's identity is its MLflow run id, recorded with the job's UUID in the job's storage
+  folder: a new job always creates new runs (never looked up by name, so two jobs with
+  the same sweep id never merge), and only `--resume` of that very job reuses them;
+- every run a job opened is ended on every exit path: FINISHED, FAILED (with the error
+  text in the `archlab.error` tag) or KILLED;
 - params are flattened with dotted keys; what changes during a run (lr, epoch) is a metric;
 - the best trial per (architecture, task, dataset) is registered as a model version with
   tags, and gets the `champion` alias only when it beats the current champion on the same
@@ -24,6 +29,8 @@ TAG_SWEEP = "archlab.sweep_id"
 TAG_ROLE = "archlab.role"
 TAG_TRIAL = "archlab.trial_id"
 TAG_ARCH = "archlab.arch"
+TAG_JOB = "archlab.job_id"
+TAG_ERROR = "archlab.error"
 CHAMPION = "champion"
 
 
@@ -50,7 +57,13 @@ def experiment_id(c, name: str) -> str:
         if exp.lifecycle_stage == "deleted":
             c.restore_experiment(exp.experiment_id)
         return exp.experiment_id
-    return c.create_experiment(name)
+    try:
+        return c.create_experiment(name)
+    except Exception:  # another job created it between the lookup and the create
+        exp = c.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
 
 
 def _find_runs(c, exp_id: str, filter_string: str, max_results: int = 10):
@@ -58,20 +71,27 @@ def _find_runs(c, exp_id: str, filter_string: str, max_results: int = 10):
                          order_by=["attributes.start_time DESC"])
 
 
-def parent_run(c, exp_id: str, sweep_id: str, params: dict[str, Any]) -> str:
-    """The sweep's parent run, created once; a resumed sweep finds it by its tag."""
-    found = _find_runs(c, exp_id, f"tags.`{TAG_SWEEP}` = '{sweep_id}' and tags.`{TAG_ROLE}` = 'parent'", 1)
-    if found:
-        run_id = found[0].info.run_id
+def parent_run(c, exp_id: str, sweep_id: str, params: dict[str, Any], *, job_id: str,
+               run_id: str | None = None) -> str:
+    """The job's parent run. A new job (run_id None) always gets a new run tagged with its
+    job id; a resumed job passes the run id it recorded and gets that run back, refused
+    if the run belongs to another job."""
+    if run_id is not None:
+        run = c.get_run(run_id)
+        if run.data.tags.get(TAG_JOB) != job_id:
+            raise ValueError(f"MLflow run {run_id} belongs to job {run.data.tags.get(TAG_JOB)!r}, not {job_id!r}")
         c.update_run(run_id, status="RUNNING")
         return run_id
-    run = c.create_run(exp_id, run_name=sweep_id, tags={TAG_SWEEP: sweep_id, TAG_ROLE: "parent"})
+    run = c.create_run(exp_id, run_name=sweep_id,
+                       tags={TAG_SWEEP: sweep_id, TAG_ROLE: "parent", TAG_JOB: job_id})
     log_params(c, run.info.run_id, params)
     return run.info.run_id
 
 
 def child_run(c, exp_id: str, parent_id: str, sweep_id: str, trial_id: str, arch: str, params: dict) -> str:
-    """Exactly one child run per trial: a restarted trial gets its run back."""
+    """Exactly one child run per trial under its parent: a restarted trial (or a trial of
+    a resumed job) gets its run back; the parent id is the job's own, so runs of another
+    job with the same sweep and trial ids are never matched."""
     found = _find_runs(
         c, exp_id, f"tags.`{TAG_TRIAL}` = '{trial_id}' and tags.`mlflow.parentRunId` = '{parent_id}'", 1
     )
@@ -79,14 +99,35 @@ def child_run(c, exp_id: str, parent_id: str, sweep_id: str, trial_id: str, arch
         run_id = found[0].info.run_id
         c.update_run(run_id, status="RUNNING")
         return run_id
+    job_id = c.get_run(parent_id).data.tags.get(TAG_JOB, "")
     run = c.create_run(
         exp_id,
         run_name=f"trial-{trial_id}",
         tags={"mlflow.parentRunId": parent_id, TAG_TRIAL: trial_id, TAG_ARCH: arch,
-              TAG_SWEEP: sweep_id, TAG_ROLE: "trial"},
+              TAG_SWEEP: sweep_id, TAG_ROLE: "trial", TAG_JOB: job_id},
     )
     log_params(c, run.info.run_id, params)
     return run.info.run_id
+
+
+def end_run(c, run_id: str, status: str, error: str | None = None) -> None:
+    """End a run; FAILED and KILLED runs carry the reason in the `archlab.error` tag."""
+    if error:
+        c.set_tag(run_id, TAG_ERROR, error[:5000])  # MLflow caps a tag value at 8000 chars
+    c.set_terminated(run_id, status)
+
+
+def end_open_runs(c, exp_id: str, parent_id: str, status: str, error: str | None = None) -> list[str]:
+    """End the parent and every child still RUNNING (trials in flight when the driver
+    stopped) with `status`. Returns the run ids ended."""
+    children = c.search_runs([exp_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'",
+                             max_results=5000)
+    ended = []
+    for run in [*children, c.get_run(parent_id)]:
+        if run.info.status in ("RUNNING", "SCHEDULED"):
+            end_run(c, run.info.run_id, status, error)
+            ended.append(run.info.run_id)
+    return ended
 
 
 def log_params(c, run_id: str, params: dict[str, Any]) -> None:

@@ -212,10 +212,13 @@ def fit_trainer(
 
     `name` carries the trial id and never a timestamp: Ray resumes a run by its name.
     A plain TuneReportCallback among `callbacks` is replaced by TuneEpochReportCallback,
-    so mid-epoch checkpoint reports never reach Tune."""
+    so mid-epoch checkpoint reports never reach Tune. A terminal worker error
+    (failures.TERMINAL_ERRORS) is not retried and raises TrialFailed with a one-line
+    reason; transient faults are retried up to max_failures."""
     import ray.train
-    from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
+
+    from archlab.platform.failures import TrialFailed, describe, terminal_failure, trainer_class
 
     callbacks = [_tune_epoch_report_callback()() if type(cb) is TuneReportCallback else cb for cb in callbacks or []]
 
@@ -224,7 +227,7 @@ def fit_trainer(
         import ray
 
         use_gpu = ray.cluster_resources().get("GPU", 0) > 0
-    trainer = TorchTrainer(
+    trainer = trainer_class()(  # a TorchTrainer that does not retry terminal errors (failures.py)
         train_fn_per_worker,
         train_loop_config={
             "cfg": cfg.to_dict(),
@@ -247,7 +250,13 @@ def fit_trainer(
         ),
         datasets=datasets,
     )
-    return trainer.fit()
+    try:
+        return trainer.fit()
+    except ray.train.TrainingFailedError as e:
+        terminal = terminal_failure(e)
+        if terminal is None:
+            raise  # a transient fault that outlived its retries
+        raise TrialFailed(describe(terminal)) from None
 
 
 @functools.lru_cache(maxsize=None)

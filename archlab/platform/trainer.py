@@ -256,6 +256,8 @@ class Trainer:
         with sync:
             with self.autocast:
                 loss = self.task_loss(self.model, x)
+                if self.step == self.cfg.train.inject_nan_at_step:  # fault injection (tests): every rank, every try
+                    loss = loss * float("nan")
                 total = loss
                 if self.has_aux:
                     aux = collect_aux_losses(self.module)

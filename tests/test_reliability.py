@@ -1,0 +1,333 @@
+"""Issue 11, driver side: run identity, exact resume, terminal user errors, refusal on the
+driver, runs ended on every exit path, no orphaned Ray processes.
+
+Fast tests use no Ray; the fault-injection ones (real local Ray, real MLflow) are slow.
+RELIABILITY.md lists each case with the figure it gave and the command reproducing it."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from archlab.platform import orphans, tracking
+from archlab.platform.config import load_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _env(**extra) -> dict[str, str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **extra}
+    env.pop("RAY_ADDRESS", None)  # always a local Ray of the test's own
+    return env
+
+
+def _archlab(args: list[str], cwd: Path, timeout: float = 900, **env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "archlab.cli", *args], cwd=cwd, env=_env(**env),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _short_tmp() -> Path:
+    # Ray's unix sockets live under RAY_TMPDIR and must stay under ~107 characters
+    return Path(tempfile.mkdtemp(prefix="rl", dir="/tmp"))
+
+
+# ---------------------------------------------------------------- refused on the driver
+
+
+@pytest.mark.parametrize("override, expect", [
+    ("model.d_model=abc", "error: model.d_model: expected int, found 'abc'"),
+    ("model.dropout=[1]", "error: model.dropout: expected float, found [1]"),
+    ("model.foo=1", "error: model.foo: 'lstm' has no such config field"),
+    ("model.flavor=huge", "error: model.flavor: architecture 'lstm' has no flavor 'huge'"),
+])
+def test_bad_architecture_field_is_one_line_exit_2_and_starts_no_ray(tmp_path, override, expect):
+    ray_tmp = _short_tmp()
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    r = _archlab(["train", "--smoke-test", "--set", override, "--set", f"sweep.storage_path={tmp_path / 'runs'}",
+                  "--set", f"tracking.uri=sqlite:///{tmp_path}/m.db"], tmp_path, timeout=120, RAY_TMPDIR=str(ray_tmp))
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(expect), r.stderr[-2000:]
+    assert not (ray_tmp / "ray").exists()  # no Ray started
+    assert not (tmp_path / "m.db").exists()  # no run created
+    # the issue's bound is 5 s; the CPU time is what this process costs, the wall time
+    # depends on what else runs on the machine (2 shared cores here)
+    assert cpu < 5.0, f"{cpu:.1f} s CPU ({wall:.1f} s wall)"
+    print(f"FIGURE refused {override!r}: {cpu:.2f} s CPU, {wall:.2f} s wall")
+
+
+def test_type_check_follows_the_config_annotations():
+    from archlab.architectures.registry import ArchConfigError, make_config
+
+    assert make_config("lstm", "debug", {"d_model": 48, "dropout": 0}).dropout == 0  # an int is a float
+    with pytest.raises(ArchConfigError, match=r"model\.n_layers: expected int, found 2\.5"):
+        make_config("lstm", "debug", {"n_layers": 2.5})
+    with pytest.raises(ArchConfigError, match=r"model\.d_model: expected int, found True"):
+        make_config("lstm", "debug", {"d_model": True})  # YAML `true` is not a size
+
+
+# ---------------------------------------------------------------- run identity and lifecycle
+
+
+def test_new_job_never_reuses_a_run_and_resume_needs_its_own_id(tmp_path):
+    c = tracking.client(f"sqlite:///{tmp_path}/m.db")
+    exp = tracking.experiment_id(c, "identity")
+    a = tracking.parent_run(c, exp, "train-lstm-1", {"model": {"d_model": 32}}, job_id="a")
+    b = tracking.parent_run(c, exp, "train-lstm-1", {"model": {"d_model": 48}}, job_id="b")
+    assert a != b
+    assert c.get_run(b).data.params["model.d_model"] == "48"
+    assert tracking.parent_run(c, exp, "train-lstm-1", {}, job_id="a", run_id=a) == a
+    with pytest.raises(ValueError, match="belongs to job 'a'"):
+        tracking.parent_run(c, exp, "train-lstm-1", {}, job_id="b", run_id=a)
+    # children are found under their own parent only
+    ca = tracking.child_run(c, exp, a, "train-lstm-1", "t1", "lstm", {})
+    cb = tracking.child_run(c, exp, b, "train-lstm-1", "t1", "lstm", {})
+    assert ca != cb and c.get_run(cb).data.tags[tracking.TAG_JOB] == "b"
+
+
+def test_sweep_ids_are_reserved_and_resume_finds_the_recorded_job(tmp_path):
+    from archlab.platform.config import ConfigError
+    from archlab.platform.sweep import _job_record, _sweep_id, _write_job_record
+
+    store = str(tmp_path)
+    assert [_sweep_id(store, "s", False) for _ in range(3)] == ["s-1", "s-2", "s-3"]
+    assert _sweep_id(store, "s", True) == "s-3"
+    rec = _job_record(store, "s-3", "sqlite:///x.db", resume=False)
+    with pytest.raises(ConfigError, match="has no recorded job"):
+        _job_record(store, "s-3", "sqlite:///x.db", resume=True)
+    _write_job_record(store, {**rec, "parent_run_id": "abc"})
+    assert _job_record(store, "s-3", "sqlite:///x.db", resume=True)["job_id"] == rec["job_id"]
+    with pytest.raises(ConfigError, match="was tracked at sqlite:///x.db"):
+        _job_record(store, "s-3", "sqlite:///y.db", resume=True)
+
+
+@pytest.mark.parametrize("exc, status", [(KeyboardInterrupt("SIGTERM"), "KILLED"), (RuntimeError("boom"), "FAILED")])
+def test_every_exit_path_ends_the_runs(tmp_path, exc, status):
+    from archlab.platform.sweep import ends_runs_on_exit
+
+    c = tracking.client(f"sqlite:///{tmp_path}/m.db")
+    exp = tracking.experiment_id(c, "exits")
+    parent = tracking.parent_run(c, exp, "s-1", {}, job_id="j")
+    child = tracking.child_run(c, exp, parent, "s-1", "t1", "lstm", {})
+    done = tracking.child_run(c, exp, parent, "s-1", "t2", "lstm", {})
+    tracking.end_run(c, done, "FINISHED")
+    with pytest.raises(type(exc)):
+        with ends_runs_on_exit(c, exp, parent):
+            raise exc
+    assert c.get_run(parent).info.status == status and c.get_run(child).info.status == status
+    assert c.get_run(done).info.status == "FINISHED"  # a finished trial stays finished
+    assert type(exc).__name__ in c.get_run(child).data.tags[tracking.TAG_ERROR]
+
+
+def test_latest_checkpoint_is_the_last_complete_one(tmp_path):
+    from archlab.platform.sweep import latest_checkpoint
+
+    def ckpt(name, epoch, complete=True):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "metrics.json").write_text(json.dumps({"epoch": epoch, "val_cosine_seed": epoch / 10}))
+        (d / "model_spec.json").write_text("{}")
+        if complete:
+            (d / "state.pt").write_bytes(b"x")
+
+    assert latest_checkpoint(tmp_path) is None
+    ckpt("checkpoint_2026-12-02_07-00-00.000001", 1)
+    ckpt("checkpoint_2026-12-02_07-00-09.000001", 2)
+    ckpt("checkpoint_2026-12-02_07-00-19.000001", 3, complete=False)  # being written at the kill
+    path, metrics = latest_checkpoint(tmp_path)
+    assert path.endswith("07-00-09.000001") and metrics["epoch"] == 2
+
+
+# ---------------------------------------------------------------- terminal errors
+
+
+def test_terminal_errors_are_raised_at_once_transient_ones_retried():
+    from ray.train import FailureConfig
+    from ray.train.v2._internal.exceptions import UserExceptionWithTraceback
+    from ray.train.v2._internal.execution.failure_handling import FailureDecision
+    from ray.train.v2.api.exceptions import WorkerGroupError
+
+    from archlab.architectures.registry import ArchConfigError
+    from archlab.platform.failures import failure_policy, terminal_failure
+
+    def group_error(*errs):
+        return WorkerGroupError("workers failed", {i: UserExceptionWithTraceback(e, "tb") for i, e in enumerate(errs)})
+
+    policy = failure_policy(FailureConfig(max_failures=3))
+    nan = FloatingPointError("non-finite training loss nan at epoch 0, step 3")
+    assert terminal_failure(group_error(RuntimeError("peer reset"), nan)) is nan
+    assert policy.make_decision(group_error(nan)) == FailureDecision.RAISE
+    assert policy.make_decision(group_error(ArchConfigError("model.d_model: ..."))) == FailureDecision.RAISE
+    for _ in range(3):  # a lost worker is retried up to max_failures
+        assert policy.make_decision(group_error(RuntimeError("actor died"))) == FailureDecision.RETRY
+    assert policy.make_decision(group_error(RuntimeError("actor died"))) == FailureDecision.RAISE
+
+
+# ---------------------------------------------------------------- no orphans
+
+
+def _marked_sleeper(owner: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"],
+                            env={**os.environ, orphans.MARKER: owner}, start_new_session=True)
+
+
+def test_dead_drivers_ray_is_stopped_by_its_marker_only(tmp_path, monkeypatch):
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+    dead_driver = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead_driver.wait()
+    mine, other = _marked_sleeper("deadbeef"), _marked_sleeper("someone-else")
+    unmarked = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], start_new_session=True)
+    try:
+        time.sleep(0.5)  # let the sleepers exec (their environ is readable from then on)
+        orphans.owners_dir().mkdir(parents=True)
+        orphans.record_path("deadbeef").write_text(json.dumps(
+            {"owner": "deadbeef", "driver_pid": dead_driver.pid, "driver_start": None}))
+        # a live driver's record is left alone
+        orphans.record_path("someone-else").write_text(json.dumps(
+            {"owner": "someone-else", "driver_pid": os.getpid(), "driver_start": None}))
+        assert orphans.reap_dead_owners() == [mine.pid]
+        assert mine.wait(timeout=10) is not None
+        assert other.poll() is None and unmarked.poll() is None
+        assert not orphans.record_path("deadbeef").exists() and orphans.record_path("someone-else").exists()
+    finally:
+        for p in (mine, other, unmarked):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+# ---------------------------------------------------------------- fault injection (real Ray)
+
+
+def _runs(c, exp_id):
+    return c.search_runs([exp_id], max_results=1000)
+
+
+@pytest.mark.slow
+def test_two_train_jobs_on_one_store_get_their_own_runs(ray_local, tmp_path, sample_dataset):
+    from archlab.platform.sweep import run_train
+
+    uri = f"sqlite:///{tmp_path}/m.db"
+    results = []
+    for i, d_model in enumerate((32, 48)):
+        cfg = load_config(None, [
+            f"data.path={sample_dataset}", f"tracking.uri={uri}", f"sweep.storage_path={tmp_path / f'runs{i}'}",
+            "model.arch=lstm", f"model.d_model={d_model}", "train.num_workers=1", "train.epochs=1",
+        ], smoke_test=True)
+        results.append(run_train(cfg))
+    a, b = results
+    assert a["sweep_id"] == b["sweep_id"] == "train-lstm-1"  # same folder name in each storage
+    assert a["parent_run_id"] != b["parent_run_id"] and a["run_id"] != b["run_id"]
+    c = tracking.client(uri)
+    exp = c.get_experiment_by_name("archlab").experiment_id
+    assert len(_runs(c, exp)) == 4
+    for res, d_model in ((a, "32"), (b, "48")):
+        run = c.get_run(res["run_id"])
+        assert run.data.params["model.d_model"] == d_model and run.info.status == "FINISHED"
+        assert [m.step for m in c.get_metric_history(res["run_id"], "val_cosine_seed")] == [1]
+    versions = tracking.list_models(uri, "archlab-vector-lstm")
+    assert sorted(v["run_id"] for v in versions) == sorted([a["run_id"], b["run_id"]])
+
+
+@pytest.mark.slow
+def test_nan_trial_fails_once_with_its_reason_and_the_sweep_goes_on(ray_local, tmp_path, sample_dataset):
+    from archlab.platform.sweep import run_sweep
+
+    uri = f"sqlite:///{tmp_path}/m.db"
+    cfg = load_config(None, [
+        f"data.path={sample_dataset}", f"tracking.uri={uri}", f"sweep.storage_path={tmp_path / 'runs'}",
+        "sweep.name=nan-test", "sweep.archs=[lstm, transformer]", "sweep.num_samples=2",
+        "sweep.max_concurrent=1", "train.num_workers=1", "train.max_failures=2",
+        # only lstm's trials diverge: a NaN loss at optimizer step 3 on every try
+        'sweep.space_overrides={lstm: {train.inject_nan_at_step: {choices: [3]}}}',
+    ], smoke_test=True)
+    t0 = time.perf_counter()
+    result = run_sweep(cfg)
+    wall = time.perf_counter() - t0
+    by_arch = {}
+    c = tracking.client(uri)
+    for t in result["trials"]:
+        by_arch[c.get_run(t["run_id"]).data.tags[tracking.TAG_ARCH]] = t
+    bad, good = by_arch["lstm"], by_arch["transformer"]
+    assert "FloatingPointError: non-finite training loss" in bad["error"]
+    run = c.get_run(bad["run_id"])
+    assert run.info.status == "FAILED" and "non-finite training loss" in run.data.tags[tracking.TAG_ERROR]
+    assert good["error"] is None and c.get_run(good["run_id"]).info.status == "FINISHED"
+    assert [d["name"] for d in result["registry"]] == ["archlab-vector-transformer"]
+    secs = (run.info.end_time - run.info.start_time) / 1000
+    print(f"FIGURE nan trial: FAILED after {secs:.1f} s (sweep {wall:.0f} s)")
+    assert not [r for r in _runs(c, result["experiment_id"]) if r.info.status == "RUNNING"]
+
+
+def _children(c, exp_id, parent_id):
+    return c.search_runs([exp_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'", max_results=1000)
+
+
+@pytest.mark.slow
+def test_driver_sigkill_then_resume_keeps_every_model_and_version_and_leaves_no_orphans(tmp_path, sample_dataset):
+    ray_tmp = _short_tmp()
+    uri = f"sqlite:///{tmp_path}/m.db"
+    store = tmp_path / "runs"
+    args = ["sweep", "--smoke-test", "--set", f"data.path={sample_dataset}", "--set", f"tracking.uri={uri}",
+            "--set", f"sweep.storage_path={store}", "--set", "sweep.name=kill-test",
+            "--set", "sweep.archs=[lstm, transformer]", "--set", "sweep.num_samples=2",
+            "--set", "sweep.max_concurrent=1", "--set", "train.num_workers=1", "--set", "ray.num_cpus=4"]
+    log = open(tmp_path / "first.log", "w")
+    driver = subprocess.Popen([sys.executable, "-m", "archlab.cli", *args], cwd=tmp_path,
+                              env=_env(RAY_TMPDIR=str(ray_tmp)), stdout=log, stderr=subprocess.STDOUT)
+    # kill the driver just as the first trial's Train run wrote its last (epoch 2) checkpoint
+    deadline = time.time() + 900
+    finished = None
+    while time.time() < deadline and driver.poll() is None and finished is None:
+        for m in store.glob("train-trial_id=*/checkpoint_*/metrics.json"):
+            if json.loads(m.read_text()).get("epoch") == 2 and (m.parent / "state.pt").exists():
+                finished = m
+        time.sleep(0.5)
+    assert driver.poll() is None and finished is not None, (tmp_path / "first.log").read_text()[-3000:]
+    owner = next(json.loads(f.read_text())["owner"] for f in (ray_tmp / "archlab-ray-owners").glob("*.json")
+                 if json.loads(f.read_text())["driver_pid"] == driver.pid)
+    assert orphans.marked_pids(owner)  # the driver's Ray is up
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    t_kill = time.perf_counter()
+    while orphans.marked_pids(owner) and time.perf_counter() - t_kill < 60:
+        time.sleep(0.5)
+    left, t_gone = orphans.marked_pids(owner), time.perf_counter() - t_kill
+    assert not left, f"Ray processes of the killed driver still alive after {t_gone:.0f} s: {left}"
+    print(f"FIGURE driver SIGKILL: its Ray gone {t_gone:.1f} s after the kill")
+
+    r = _archlab([*args, "--resume"], tmp_path, RAY_TMPDIR=str(ray_tmp))
+    (tmp_path / "resume.log").write_text(r.stdout + r.stderr)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    assert "2 trials, 0 errored" in r.stdout
+    c = tracking.client(uri)
+    exp = c.get_experiment_by_name("kill-test").experiment_id
+    runs = _runs(c, exp)
+    parents = [x for x in runs if x.data.tags.get(tracking.TAG_ROLE) == "parent"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    children = _children(c, exp, parents[0].info.run_id)
+    assert len(children) == 2 == len(runs) - 1
+    assert len({x.data.tags[tracking.TAG_TRIAL] for x in children}) == 2  # no duplicate trial runs
+    assert not [x for x in runs if x.info.status != "FINISHED"]
+    assert {x.data.tags[tracking.TAG_ARCH] for x in children} == {"lstm", "transformer"}
+    for x in children:
+        assert "archlab.model_uri" in x.data.tags  # every trial's model is logged
+        hist = c.get_metric_history(x.info.run_id, "val_cosine_seed")
+        assert [m.step for m in hist] == [1, 2]  # one point per epoch, none twice
+    versions = tracking.list_models(uri, "archlab-vector")
+    assert sorted(v["name"] for v in versions) == ["archlab-vector-lstm", "archlab-vector-transformer"]
+    assert {v["run_id"] for v in versions} == {x.info.run_id for x in children}
+    assert all("champion" in v["aliases"] for v in versions)
