@@ -164,19 +164,25 @@ def _download(model_uri: str, dst: str) -> Path:
     return Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=dst))
 
 
-def read_spec(model_uri: str, tracking_uri: str | None = None) -> dict[str, Any]:
-    """The model's spec (arch, task, d_in / vocab_size, dataset_id, ...) from its MLmodel
-    file alone: what callers check data against before they load any weights."""
+def model_info(model_uri: str, tracking_uri: str | None = None):
+    """MLflow's ModelInfo of a logged model (model_id, run_id, metadata) from its MLmodel
+    file alone, or ModelFormatError naming the URI."""
     import mlflow
     from mlflow.models import get_model_info
 
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
     try:
-        meta = get_model_info(model_uri).metadata or {}  # reads the MLmodel file only
+        return get_model_info(model_uri)
     except Exception as e:
         raise ModelFormatError(f"{model_uri}: no such model ({type(e).__name__}: {str(e).splitlines()[0]})") from None
-    spec = meta.get("archlab")
+
+
+def read_spec(model_uri: str, tracking_uri: str | None = None, info=None) -> dict[str, Any]:
+    """The model's spec (arch, task, d_in / vocab_size, dataset_id, ...) from its MLmodel
+    file alone: what callers check data against before they load any weights."""
+    info = info or model_info(model_uri, tracking_uri)
+    spec = (info.metadata or {}).get("archlab")
     if not isinstance(spec, dict) or "arch" not in spec:
         raise ModelFormatError(f"{model_uri}: not an archlab model (no 'archlab' spec in its MLmodel metadata)")
     return spec
