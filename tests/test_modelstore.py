@@ -188,3 +188,23 @@ def test_an_old_format_model_needing_a_foreign_global_is_refused(store):
     with pytest.warns(DeprecationWarning), pytest.raises(modelstore.UnsafeFileError, match="model.pth refused"):
         modelstore.load_model("models:/bad/1", uri)
     assert not MARKER.exists()
+
+
+def test_models_convert_command(store):
+    import mlflow
+    from typer.testing import CliRunner
+
+    from archlab.cli import app
+
+    uri, c, exp = store
+    spec, model = _spec_and_model()
+    run = c.create_run(exp)
+    mv = mlflow.register_model(_log_old_format(uri, run.info.run_id, model, spec, modelstore._example(spec)),
+                               "archlab-vector-amn")
+    c.set_registered_model_alias("archlab-vector-amn", "champion", mv.version)
+    res = CliRunner().invoke(app, ["models", "--tracking-uri", uri, "--convert", "archlab-vector-amn"],
+                             env={"COLUMNS": "250"})
+    assert res.exit_code == 0, res.output
+    assert "converted archlab-vector-amn v1 -> v2 (weights + spec); moved champion" in res.output
+    res = CliRunner().invoke(app, ["models", "--tracking-uri", uri, "--convert", "archlab-vector-amn"])
+    assert "archlab-vector-amn: no old-format version left to convert" in res.output
