@@ -239,3 +239,15 @@ def test_models_predict_uses_the_models_own_dim_and_the_given_split(registered, 
     # no --data: the dataset its training run recorded; the windows of the seed protocol
     assert f"models:/{NAME}@champion (amn, d_in 384) on {sample_dataset} [valid]: 1555 predictions" in text
     assert "mean cosine to the true next vector 0." in text
+
+
+def test_model_argument_forms_are_checked(registered):
+    from archlab.platform.config import ConfigError
+
+    uri = registered[0]
+    with pytest.raises(ConfigError, match=r"MODEL 'archlab-vector-amn': expected models:/<name>@<alias>"):
+        E.resolve_model(NAME, uri)
+    with pytest.raises(ConfigError, match=r"MODEL 'models:/archlab-vector-amn@nope': not found in the registry"):
+        E.resolve_model(f"models:/{NAME}@nope", uri)
+    with pytest.raises(ConfigError, match=r"MODEL 'models:/archlab-vector-amn/9': not found in the registry"):
+        E.resolve_model(f"models:/{NAME}/9", uri)
