@@ -198,7 +198,10 @@ def leaderboard(
 def models(
     tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri"),
     prefix: str = typer.Option("archlab", "--prefix"),
-    predict: Optional[str] = typer.Option(None, "--predict", help="Load models:/NAME@champion and score it on the sample."),
+    predict: Optional[str] = typer.Option(None, "--predict", help="Load models:/NAME@champion (or a model URI) and run it on --data/--split."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Dataset folder for --predict (default: the one the model was trained on)."),
+    split: str = typer.Option("valid", "--split", help="Split for --predict."),
+    convert: Optional[str] = typer.Option(None, "--convert", help="Re-register NAME's old pickle-format versions as weights + spec."),
 ) -> None:
     """List registered model versions, their tags and aliases (champion)."""
     from rich.console import Console
@@ -209,6 +212,18 @@ def models(
     from archlab.platform.runtime import tracking_uri as resolve
 
     uri = resolve(load_config(None, [f"tracking.uri={tracking_uri}"] if tracking_uri else []))
+    if convert:
+        from archlab.platform import modelstore
+
+        try:
+            done = modelstore.convert(uri, convert)
+        except (*_user_errors(), modelstore.ModelFormatError, modelstore.UnsafeFileError) as e:
+            _fail(e)
+        for d in done:
+            print(f"converted {d['name']} v{d['from']} -> v{d['to']} (weights + spec)"
+                  + (f"; moved {', '.join(d['aliases'])}" if d["aliases"] else ""))
+        if not done:
+            print(f"{convert}: no old-format version left to convert")
     rows = tracking.list_models(uri, prefix)
     table = Table(title=f"registered models at {uri}")
     for col in ("name", "version", "aliases", "arch", "dataset", "metric", "value", "decision"):
@@ -220,22 +235,43 @@ def models(
                       t.get("archlab.champion_decision", ""))
     Console().print(table)
     if predict:
-        import mlflow.pytorch
-        import numpy as np
-        import torch
+        from archlab.platform import modelstore
+        from archlab.platform.evaluate import predict_summary
 
-        from archlab.platform.config import REPO_SAMPLE
-        from archlab.platform.data import read_vector_docs
-        from archlab.platform.shards import load_manifest, split_files
+        model_uri = predict if ":/" in predict else f"models:/{predict}@champion"
+        try:
+            print(predict_summary(model_uri, data, split, uri))
+        except (*_user_errors(), modelstore.ModelFormatError, modelstore.UnsafeFileError) as e:
+            _fail(e)
 
-        mlflow.set_tracking_uri(uri)
-        model = mlflow.pytorch.load_model(f"models:/{predict}@champion")
-        docs = read_vector_docs(split_files(REPO_SAMPLE, load_manifest(REPO_SAMPLE), "valid"), 384)
-        x = torch.as_tensor(np.stack([d[:6] for d in docs if len(d) >= 6]))
-        pred = model(x[:, :-1])[:, -1]
-        cos = torch.nn.functional.cosine_similarity(pred, x[:, -1], dim=-1).mean()
-        print(f"{predict}@champion: {len(x)} predictions, norm {pred.norm(dim=-1).mean():.4f}, "
-              f"mean cosine to the true next vector {cos:.4f}")
+
+@app.command()
+def evaluate(
+    model: str = typer.Argument(..., help="models:/NAME@ALIAS, models:/NAME/VERSION, models:/m-ID or runs:/RUN_ID/model"),
+    data: Path = typer.Option(..., "--data", help="A prepared dataset folder (manifest.json)."),
+    split: str = typer.Option("valid", "--split", help="The split to score."),
+    train_split: str = typer.Option("train", "--train-split", help="The split the baselines learn from (mean vector, nearest neighbour, unigram)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the random baseline."),
+    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="Default: $MLFLOW_TRACKING_URI or ./mlflow.db"),
+    experiment: str = typer.Option("archlab-evaluate", "--experiment", help="MLflow experiment of the evaluation run."),
+    log_run: bool = typer.Option(True, "--log/--no-log", help="Log an evaluation run in MLflow."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the report as JSON here."),
+) -> None:
+    """Score a registered model on a prepared split next to every baseline, with a paired 95% CI."""
+    from archlab.platform import modelstore
+    from archlab.platform.config import load_config
+    from archlab.platform.evaluate import evaluate as run_evaluate, render, to_json
+    from archlab.platform.runtime import tracking_uri as resolve
+
+    try:
+        uri = resolve(load_config(None, [f"tracking.uri={tracking_uri}"] if tracking_uri else []))
+        report = run_evaluate(model, data, split, tracking_uri=uri, train_split=train_split, seed=seed,
+                              log=log_run, experiment=experiment)
+    except (*_user_errors(), modelstore.ModelFormatError, modelstore.UnsafeFileError) as e:
+        _fail(e)
+    render(report)
+    if json_out:
+        json_out.write_text(to_json(report))
 
 
 @app.command()

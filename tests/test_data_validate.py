@@ -137,7 +137,7 @@ def test_truncated_file(clean):
     root, paths, _ = clean
     data = paths[1].read_bytes()
     paths[1].write_bytes(data[: len(data) // 2])  # a copy cut short
-    with pytest.raises(DataError, match=rf"{paths[1]}: unreadable Parquet file"):
+    with pytest.raises(DataError, match=rf"{paths[1]}: unreadable: truncated Parquet file"):
         validate_dataset(root, split="valid", kind="vector", dim=D)
     rep = validate_dataset(root, split="valid", kind="vector", dim=D, on_bad_rows="skip")
     assert rep.files == [str(paths[0])] and rep.bad_files == [str(paths[1])]

@@ -45,7 +45,9 @@ def test_cli_commands_and_flags_are_frozen():
     assert commands["sweep"] == ["--config", "--resume", "--set", "--smoke-test"]
     assert commands["demo"] == ["--set", "--smoke-test"]
     assert commands["leaderboard"] == ["--experiment", "--sweep", "--tracking-uri"]
-    assert commands["models"] == ["--predict", "--prefix", "--tracking-uri"]
+    assert commands["models"] == ["--convert", "--data", "--predict", "--prefix", "--split", "--tracking-uri"]
+    assert commands["evaluate"] == ["--data", "--experiment", "--json", "--log", "--seed", "--split",
+                                    "--tracking-uri", "--train-split"]
     assert {"archs", "submit", "data"} <= set(commands)
 
 

@@ -53,8 +53,7 @@ def test_one_child_run_per_trial_with_flattened_params_and_epoch_metrics(sweep_r
 
 
 def test_a_registry_version_per_architecture_and_champion_loads(sweep_result, mlflow_server, sample_dataset):
-    import mlflow.pytorch
-
+    from archlab.platform import modelstore
     from archlab.platform.data import read_vector_docs
     from archlab.platform.tracking import list_models
 
@@ -67,8 +66,7 @@ def test_a_registry_version_per_architecture_and_champion_loads(sweep_result, ml
         assert versions and versions[0]["tags"]["dataset_id"] == "2e576f95bab2c034"
         assert versions[0]["tags"]["metric"] == "val_cosine_seed"
         assert any("champion" in m["aliases"] for m in versions)
-        mlflow.set_tracking_uri(mlflow_server)
-        model = mlflow.pytorch.load_model(f"models:/{name}@champion")
+        model = modelstore.load_model(f"models:/{name}@champion", mlflow_server)  # weights + spec
         docs = read_vector_docs([str(sample_dataset / "valid" / "part-00000.parquet")], 384)
         x = torch.as_tensor(np.stack([d[:6] for d in docs if len(d) >= 6]))
         pred = model(x[:, :-1])

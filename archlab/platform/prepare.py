@@ -48,6 +48,7 @@ from archlab.platform.shards import (
     read_shard_meta,
     token_dtype,
     token_schema,
+    unreadable,
     vector_schema,
     write_shard,
 )
@@ -141,12 +142,56 @@ def _range_params(skip_docs: int, max_docs: int | None) -> dict:
     return {"max_docs": max_docs, **({"skip_docs": skip_docs} if skip_docs else {})}
 
 
+# ------------------------------------------------------------ reading a source
+def read_text_source(src: Path) -> str:
+    """The UTF-8 text of a source file, or one DataError line naming the file and what it
+    holds instead (nothing, no permission, binary data such as Parquet)."""
+    try:
+        raw = src.read_bytes()
+    except PermissionError:
+        raise DataError(f"{src}: unreadable: permission denied (cannot open it for reading)") from None
+    except IsADirectoryError:
+        raise DataError(f"{src}: unreadable: a folder, not a text file") from None
+    if not raw:
+        raise DataError(f"{src}: unreadable: empty file (0 bytes), expected UTF-8 text")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        kind = "a Parquet file" if raw[:4] == b"PAR1" else "binary data"
+        raise DataError(f"{src}: unreadable: not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start}; "
+                        f"it looks like {kind}); --from text expects a UTF-8 text file") from None
+
+
+def read_source_schema(src: Path):
+    """The Arrow schema of a source Parquet file, or one DataError line naming the file and
+    what was found (permission denied, empty, not Parquet, truncated)."""
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_schema(src)
+    except Exception as e:
+        raise unreadable(src, e) from None
+
+
+def read_source_table(src: Path, columns: list[str]):
+    """read_table of a source whose footer read; a truncated body still names the file."""
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(src, columns=columns)
+    except Exception as e:
+        raise unreadable(src, e) from None
+
+
 # ------------------------------------------------------------ writing a split
 def _prepare_key(src: Path, params: dict) -> str:
     """Hash of the source's bytes and the parameters. Content, not path or mtime: the key is
     written into every shard, so it is part of the dataset id, and the same bytes prepared
     the same way must give the same id wherever and whenever the source file was copied."""
-    ident = {"src_sha256": file_sha256(src), **params}
+    try:
+        ident = {"src_sha256": file_sha256(src), **params}
+    except PermissionError:
+        raise DataError(f"{src}: unreadable: permission denied (cannot open it for reading)") from None
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
@@ -328,7 +373,7 @@ def text_to_token_shards(
     check_doc_range(skip_docs, max_docs)
     if not src.exists():
         raise DataError(f"{src}: no such text file")
-    text = src.read_text(encoding="utf-8")
+    text = read_text_source(src)
     documents = select_docs(split_documents(text, docs), src, f"--docs {docs}", skip_docs, max_docs)
     if tokenizer == "byte":
         if vocab_size not in (None, 256):
@@ -390,13 +435,12 @@ def parquet_to_token_shards(
     import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
-    import pyarrow.parquet as pq
 
     src, out = Path(src), Path(out_dir)
     check_doc_range(skip_docs, max_docs)
     if not src.exists():
         raise DataError(f"{src}: no such file")
-    schema = pq.read_schema(src)
+    schema = read_source_schema(src)
     for role, col in (("--tokens-col", tokens_col), ("--id-col", id_col), ("--length-col", length_col)):
         if col is not None and col not in schema.names:
             raise DataError(f"{src}: column {col!r} ({role}) not found; columns: {', '.join(schema.names)}")
@@ -408,7 +452,7 @@ def parquet_to_token_shards(
                              "rows": rows_per_shard})
     if not force and (done := _up_to_date(out, split, key)):
         return done
-    table = pq.read_table(src, columns=[c for c in (id_col, tokens_col, length_col) if c])
+    table = read_source_table(src, [c for c in (id_col, tokens_col, length_col) if c])
     col = table.column(tokens_col).combine_chunks()
     lengths = np.asarray(col.value_lengths() if pa.types.is_list(ttype) else pc.list_value_length(col), dtype=np.int64)
     flat = np.asarray(col.flatten()).astype(np.int64)
@@ -472,13 +516,12 @@ def parquet_to_vector_shards(
     max_docs]`. Returns the shard paths."""
     import numpy as np
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     src = Path(src)
     check_doc_range(skip_docs, max_docs)
     if not src.exists():
         raise DataError(f"{src}: no such file")
-    schema = pq.read_schema(src)
+    schema = read_source_schema(src)
     for role, col in (("--id-col", id_col), ("--vectors-col", vectors_col), ("--texts-col", texts_col)):
         if col is not None and col not in schema.names:
             raise DataError(f"{src}: column {col!r} ({role}) not found; columns: {', '.join(schema.names)}")
@@ -493,7 +536,7 @@ def parquet_to_vector_shards(
     if not force and (done := _up_to_date(Path(out_dir), split, key)):
         return done
     cols = [id_col, vectors_col] + ([texts_col] if texts_col else [])
-    table = pq.read_table(src, columns=cols)
+    table = read_source_table(src, cols)
     rows = select_docs(range(table.num_rows), src, "one per row", skip_docs, max_docs)
     table = table.slice(rows.start, len(rows))
     flat = table.column(vectors_col).combine_chunks().flatten().flatten().to_numpy(zero_copy_only=False)
@@ -582,7 +625,7 @@ def text_to_vector_shards(
                              **_range_params(skip_docs, max_docs), "rows": rows_per_shard})
     if not force and (done := _up_to_date(out, split, key)):
         return done
-    documents = select_docs(split_documents(src.read_text(encoding="utf-8"), docs), src, f"--docs {docs}",
+    documents = select_docs(split_documents(read_text_source(src), docs), src, f"--docs {docs}",
                             skip_docs, max_docs)
     chunks = [split_sentences(d) for d in documents]
     keep = [i for i, c in enumerate(chunks) if c]  # a document with no sentence has no row

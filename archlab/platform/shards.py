@@ -92,6 +92,44 @@ def write_shard(path: str | os.PathLike, table, meta: ShardMeta) -> None:
         raise
 
 
+PARQUET_MAGIC = b"PAR1"  # a Parquet file starts and ends with these 4 bytes
+
+
+def unreadable_reason(path: str | os.PathLike, error: BaseException | None = None) -> str:
+    """What is wrong with a file that should be Parquet, in a few words: permission denied,
+    empty, not Parquet (what it starts with), truncated (no footer), or corrupt (the
+    reader's own first line). Reads at most the first and last 4 bytes."""
+    path = Path(path)
+    if isinstance(error, PermissionError):
+        return "permission denied (cannot open it for reading)"
+    if path.is_dir():
+        return "a folder, not a file"
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(4)
+            f.seek(max(size - 4, 0))
+            tail = f.read(4)
+    except PermissionError:
+        return "permission denied (cannot open it for reading)"
+    except OSError as e:
+        return f"cannot read it ({type(e).__name__}: {e.strerror or e})"
+    if size == 0:
+        return "empty file (0 bytes)"
+    if head != PARQUET_MAGIC:
+        return f"not a Parquet file (starts with {head!r}, a Parquet file starts with {PARQUET_MAGIC!r})"
+    if size < 12 or tail != PARQUET_MAGIC:
+        return f"truncated Parquet file ({size} bytes, the footer is missing: it does not end with {PARQUET_MAGIC!r})"
+    detail = str(error).strip().splitlines()[0] if error is not None and str(error).strip() else "unknown"
+    return f"corrupt Parquet file ({type(error).__name__ if error else 'error'}: {detail})"
+
+
+def unreadable(path: str | os.PathLike, error: BaseException | None = None, hint: str = "") -> DataError:
+    """The one-line DataError for a file that cannot be read as Parquet ("unreadable" is the
+    word validate's on_bad_rows=skip looks for)."""
+    return DataError(f"{path}: unreadable: {unreadable_reason(path, error)}{hint}")
+
+
 def read_shard_meta(path: str | os.PathLike) -> ShardMeta:
     """The archlab metadata of one shard, read from the Parquet footer only."""
     import pyarrow.parquet as pq
@@ -101,8 +139,8 @@ def read_shard_meta(path: str | os.PathLike) -> ShardMeta:
         raise DataError(f"{path}: no such file")
     try:
         md = pq.read_schema(path).metadata or {}
-    except Exception as e:  # truncated / not parquet
-        raise DataError(f"{path}: unreadable Parquet file ({type(e).__name__}: {e})") from None
+    except Exception as e:  # permission denied / empty / truncated / not parquet
+        raise unreadable(path, e) from None
     if META_KEY not in md:
         raise DataError(
             f"{path}: not an archlab shard (no 'archlab' key in the Parquet metadata); "
@@ -186,6 +224,10 @@ def load_manifest(root: str | os.PathLike) -> dict:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: corrupt manifest ({e})") from None
+    except PermissionError:
+        raise DataError(f"{path}: unreadable: permission denied (cannot open it for reading)") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: unreadable manifest ({type(e).__name__}: {e})") from None
 
 
 def dataset_id(manifest: dict) -> str:

@@ -494,12 +494,12 @@ def _trial_outcome(result, job: Job, parent_id: str) -> dict[str, Any]:
 
 
 def _load_trial_model(trial: dict[str, Any]):
-    import torch
-
+    from archlab.platform.modelstore import torch_load_safe
     from archlab.platform.train import STATE_FILE, build_from_spec
 
     model = build_from_spec(trial["spec"])
-    state = torch.load(Path(trial["checkpoint"]) / STATE_FILE, map_location="cpu", weights_only=True)
+    # weights_only: a checkpoint holds tensors and plain data; a pickled object is refused
+    state = torch_load_safe(Path(trial["checkpoint"]) / STATE_FILE, map_location="cpu")
     model.load_state_dict(state["model"])
     return model.eval()
 

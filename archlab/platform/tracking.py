@@ -150,22 +150,11 @@ def log_metrics(c, run_id: str, metrics: dict[str, float], step: int = 0) -> Non
 
 
 def log_model(uri: str, run_id: str, model, spec: dict[str, Any], example: np.ndarray) -> str:
-    """Log the model to the run (pickle format: every zoo model loads back, including the
-    ones torch.export cannot trace). Returns the model URI."""
-    import mlflow
-    import mlflow.pytorch
+    """Log the model to the run as weights + spec (archlab.platform.modelstore: safetensors,
+    rebuilt from archlab's code on load, never a pickle). Returns the model URI."""
+    from archlab.platform import modelstore
 
-    mlflow.set_tracking_uri(uri)
-    with mlflow.start_run(run_id=run_id):
-        info = mlflow.pytorch.log_model(
-            model.eval(),
-            name="model",
-            input_example=example,
-            serialization_format="pickle",
-            metadata={"archlab": spec},
-            pip_requirements=["torch", "archlab"],
-        )
-    return info.model_uri
+    return modelstore.log_model(uri, run_id, model, spec, example)
 
 
 @np.errstate(all="ignore")
@@ -227,9 +216,10 @@ def register_and_maybe_promote(
         decision.update(promoted=True, reason="no champion yet")
     else:
         try:
-            import mlflow.pytorch
+            from archlab.platform import modelstore
 
-            champ = mlflow.pytorch.load_model(f"models:/{name}@{CHAMPION}")
+            # rebuilt from its spec; an old pickle-format champion loads by the deprecation path
+            champ = modelstore.load_model(f"models:/{name}@{CHAMPION}", uri)
             champ_score = evaluate_windows(champ, windows, task)
         except Exception as e:  # a champion that cannot run on these windows is not comparable
             champ_score = None

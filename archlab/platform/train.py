@@ -63,6 +63,7 @@ def model_spec(cfg: ArchlabConfig, data_info: dict[str, Any]) -> dict[str, Any]:
         "d_in": data_info.get("dim"),
         "vocab_size": data_info.get("vocab_size"),
         "context": cfg.data.context,
+        "seq_len": cfg.data.seq_len,  # token windows: `archlab evaluate` cuts the same length
         "dataset_id": data_info.get("dataset_id"),
     }
 

@@ -31,6 +31,7 @@ from archlab.platform.shards import (
     load_manifest,
     read_shard_meta,
     split_files,
+    unreadable,
 )
 
 MAX_ISSUES = 20  # messages kept in the report; counts are always complete
@@ -157,8 +158,8 @@ def _check_file(path: str, kind: str, dim, vocab, min_len: int, limit: int):
     col = "vectors" if kind == "vector" else "tokens"
     try:
         table = pq.read_table(path, columns=["doc_id", col])
-    except Exception as e:
-        raise DataError(f"{path}: unreadable Parquet file ({type(e).__name__}: {e}); re-run `archlab data prepare`") from None
+    except Exception as e:  # a footer that reads but pages that do not (truncated inside)
+        raise unreadable(path, e, "; re-run `archlab data prepare`") from None
     arr = table.column(col).combine_chunks()
     n = len(arr)
     null = arr.is_null().to_numpy(zero_copy_only=False) if arr.null_count else np.zeros(n, bool)
