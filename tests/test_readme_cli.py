@@ -44,7 +44,7 @@ def test_cli_commands_and_flags_are_frozen():
     assert commands["train"] == ["--config", "--set", "--smoke-test"]
     assert commands["sweep"] == ["--config", "--resume", "--set", "--smoke-test"]
     assert commands["demo"] == ["--set", "--smoke-test"]
-    assert commands["leaderboard"] == ["--experiment", "--sweep", "--tracking-uri"]
+    assert commands["leaderboard"] == ["--experiment", "--format", "--sweep", "--tracking-uri", "--wide"]
     assert commands["models"] == ["--predict", "--prefix", "--tracking-uri"]
     assert {"archs", "submit", "data"} <= set(commands)
 
