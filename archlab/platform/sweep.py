@@ -190,6 +190,8 @@ def run_sweep(cfg: ArchlabConfig, resume: bool = False, progress=None) -> dict[s
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
 
+    from archlab.platform.study import sweep_journal
+
     check_archs(cfg, cfg.sweep.archs, cfg.smoke_test)
     job = prepare_job(cfg)
     metric, mode = cfg.metric()
@@ -217,6 +219,8 @@ def run_sweep(cfg: ArchlabConfig, resume: bool = False, progress=None) -> dict[s
             space=functools.partial(define_space, archs=list(cfg.sweep.archs), smoke=cfg.smoke_test,
                                     overrides=cfg.sweep.space_overrides),
             metric=metric, mode=mode, sampler=sampler, points_to_evaluate=first,
+            # persisted beside Tune's run folder: the report and optuna-dashboard read it
+            storage=sweep_journal(job.storage, sweep_id), study_name=sweep_id,
         )
         tuner = tune.Tuner(
             trainable,
