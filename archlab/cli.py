@@ -171,6 +171,26 @@ def leaderboard(
 
 
 @app.command()
+def report(
+    experiment: str = typer.Option("archlab", "--experiment", "-e", help="MLflow experiment (= sweep name)."),
+    sweep_id: Optional[str] = typer.Option(None, "--sweep", help="A sweep id (default: latest)."),
+    out: Path = typer.Option(Path("report"), "--out", help="Folder for report.html and its PNGs."),
+    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="Default: $MLFLOW_TRACKING_URI or ./mlflow.db"),
+) -> None:
+    """Write a sweep's self-contained report.html (curves, Pareto, verdicts, slices, importances)."""
+    from archlab.platform.config import load_config
+    from archlab.platform.report import make_report
+    from archlab.platform.runtime import tracking_uri as resolve
+
+    uri = resolve(load_config(None, [f"tracking.uri={tracking_uri}"] if tracking_uri else []))
+    try:
+        page = make_report(uri, experiment, out, sweep_id)
+    except KeyError as e:
+        _fail(e)
+    print(f"report: {page.resolve()}")
+
+
+@app.command()
 def models(
     tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri"),
     prefix: str = typer.Option("archlab", "--prefix"),

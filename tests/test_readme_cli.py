@@ -46,6 +46,7 @@ def test_cli_commands_and_flags_are_frozen():
     assert commands["demo"] == ["--set", "--smoke-test"]
     assert commands["leaderboard"] == ["--experiment", "--format", "--sweep", "--tracking-uri", "--wide"]
     assert commands["models"] == ["--predict", "--prefix", "--tracking-uri"]
+    assert commands["report"] == ["--experiment", "--out", "--sweep", "--tracking-uri"]
     assert {"archs", "submit", "data"} <= set(commands)
 
 
