@@ -123,3 +123,19 @@ def test_matmul_peak_probe_is_positive_and_finite():
     assert math.isfinite(peak) and peak > 1e6
     assert flops.mfu(peak * 0.5, 1.0, peak) == pytest.approx(0.5)
     assert math.isnan(flops.mfu(1.0, 0.0, peak))
+
+
+def test_cudnn_rnn_formula_matches_the_cpu_one_on_the_same_lstm():
+    """No GPU here: the CUDA formulas are checked on the shapes cuDNN's op receives (the
+    weight list of every layer), against the oneDNN per-layer count measured above."""
+    b, t, d_in, h, layers = 4, 5, 16, 32, 2
+    lstm = torch.nn.LSTM(d_in, h, num_layers=layers)
+    weights = [list(p.shape) for p in lstm.parameters()]  # w_ih, w_hh, b_ih, b_hh per layer
+    fwd = flops._cudnn_rnn_flop([t, b, d_in], weights)
+    per_layer = sum(flops._mkldnn_rnn_flop([t, b, w_ih[1]], w_ih, w_hh)
+                    for w_ih, w_hh in zip(weights[0::4], weights[1::4]))
+    assert fwd == per_layer == 2 * t * b * (4 * h * d_in + 4 * h * h + (layers - 1) * 8 * h * h)
+    mask = [True, True, True, True]
+    assert flops._cudnn_rnn_backward_flop([t, b, d_in], weights, *([None] * 19), mask) == 2 * fwd
+    mask = [True, True, True, False]  # no weight gradients wanted
+    assert flops._cudnn_rnn_backward_flop([t, b, d_in], weights, *([None] * 19), mask) == fwd
