@@ -134,6 +134,9 @@ def sweep(
     _where(result)
     if n_err == len(result["trials"]):
         raise typer.Exit(1)
+    from archlab.platform.report import sweep_report
+
+    print(f"report: {sweep_report(cfg, result).resolve()}")
 
 
 @app.command()

@@ -18,9 +18,15 @@ from archlab.platform.config import load_config
 ARCHS = ("lstm", "transformer")
 
 
-@pytest.fixture
-def sweep(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # the sqlite store's artifacts go to ./mlruns
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("report")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(tmp_path)  # the sqlite store's artifacts go to ./mlruns
+        yield _populate(tmp_path)
+
+
+def _populate(tmp_path):
     uri = f"sqlite:///{tmp_path}/m.db"
     cfg = load_config(None, ["sweep.name=rep", f"sweep.storage_path={tmp_path / 'runs'}"])
     c = tracking.client(uri)
@@ -79,7 +85,7 @@ def test_report_html_is_self_contained_and_logged(sweep):
     assert {f"report/{n}" for n in names} == logged
 
 
-def test_pareto_front_and_missing_journal(sweep, tmp_path):
+def test_pareto_front_and_missing_journal(sweep):
     assert report.pareto_front([(1, 0.5), (2, 0.4), (3, 0.7), (3, 0.6), (4, 0.7)], "max") == [(1, 0.5), (3, 0.7)]
     assert report.pareto_front([(1, 5.0), (2, 4.0), (3, 4.5)], "min") == [(1, 5.0), (2, 4.0)]
     uri, c, parent, root = sweep
@@ -96,3 +102,11 @@ def test_cli_report_prints_the_path(sweep):
     res = CliRunner().invoke(app, ["report", "-e", "rep", "--out", str(root / "cli"), "--tracking-uri", uri])
     assert res.exit_code == 0, res.output
     assert str(root / "cli" / "report.html") in res.output.replace("\n", "")
+
+
+def test_sweep_writes_its_report_under_the_sweeps_storage(sweep):
+    uri, c, parent, root = sweep
+    cfg = load_config(None, ["sweep.name=rep", f"sweep.storage_path={root / 'runs'}", f"tracking.uri={uri}"])
+    page = report.sweep_report(cfg, {"sweep_id": "rep-1", "tracking_uri": uri})
+    assert page == root / "runs" / "rep-1" / "report" / "report.html"
+    assert (page.parent / "importances.png").is_file()  # found the journal beside Tune's folder

@@ -281,7 +281,7 @@ def leaderboard(uri: str, experiment_id: str, parent_id: str, metric: str, mode:
 
 
 WIDE_HEAD = ["entry", "kind", "stage", "n", "mean", "std", "ci_lo", "ci_hi", "d_base", "d_base_lo",
-             "d_base_hi", "d_base_p", "vs_base", "p_base_adj", "d_ref", "d_ref_lo", "d_ref_hi", "vs_ref",
+             "d_base_hi", "d_base_p", "vs_base", "vs_base_by", "p_base_adj", "d_ref", "d_ref_lo", "d_ref_hi", "vs_ref",
              "p_ref_adj"]
 WIDE_TAIL = ["search_trials", "search_flops", "flops_per_sample", "edge", "collapsed", "params",
              "precision", "run"]

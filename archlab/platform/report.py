@@ -265,8 +265,11 @@ def default_journal(parent) -> Path | None:
     """<sweep.storage_path or ./archlab_runs>/<sweep_id>/optuna.journal, as the sweep wrote it."""
     from archlab.platform.study import journal_path
 
+    import os
+
     storage = parent.data.params.get("sweep.storage_path")
-    storage = storage if storage not in (None, "", "None") else str(Path("archlab_runs").resolve())
+    if storage in (None, "", "None"):  # as runtime.storage_path resolves it
+        storage = os.environ.get("ARCHLAB_STORAGE") or str(Path("archlab_runs").resolve())
     if "://" in storage:
         return None
     return journal_path(storage, parent.data.tags.get(tracking.TAG_SWEEP, ""))
@@ -324,3 +327,17 @@ def make_report(uri: str, experiment: str, out: str | Path, sweep_id: str | None
         for p in [page] + [p for p, _ in figs]:
             c.log_artifact(parent.info.run_id, str(p), artifact_path="report")
     return page
+
+
+def sweep_report(cfg, result: dict[str, Any]) -> Path:
+    """The report `archlab sweep` / `demo` write when the sweep ends: into
+    <storage>/<sweep_id>/report (./archlab_reports/<sweep_id> for object-store storage)."""
+    from archlab.platform.runtime import storage_path
+    from archlab.platform.study import journal_path
+
+    storage = storage_path(cfg)
+    local = "://" not in storage
+    out = Path(storage) / result["sweep_id"] / "report" if local else Path("archlab_reports") / result["sweep_id"]
+    return make_report(result["tracking_uri"], cfg.tracking.experiment or cfg.sweep.name, out,
+                       sweep_id=result["sweep_id"],
+                       journal=journal_path(storage, result["sweep_id"]) if local else None)
