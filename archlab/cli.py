@@ -162,6 +162,9 @@ def sweep(
     _where(result)
     if n_err == len(result["trials"]):
         raise typer.Exit(1)
+    from archlab.platform.report import sweep_report
+
+    print(f"report: {sweep_report(cfg, result).resolve()}")
 
 
 @app.command()
@@ -178,12 +181,16 @@ def leaderboard(
     experiment: str = typer.Option("archlab", "--experiment", "-e", help="MLflow experiment (= sweep name)."),
     sweep_id: Optional[str] = typer.Option(None, "--sweep", help="A sweep id, e.g. archlab-3 (default: latest)."),
     tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="Default: $MLFLOW_TRACKING_URI or ./mlflow.db"),
+    wide: bool = typer.Option(False, "--wide", help="Every column (default: fits 100 columns)."),
+    fmt: str = typer.Option("table", "--format", help="table | markdown | csv | json"),
 ) -> None:
-    """Print a sweep's leaderboard (models and baselines) from MLflow."""
+    """Print a sweep's leaderboard (models with CIs and verdicts, baselines) from MLflow."""
     from archlab.platform.config import load_config
     from archlab.platform.leaderboard import latest_parent, leaderboard as make, render
     from archlab.platform.runtime import tracking_uri as resolve
 
+    if fmt not in ("table", "markdown", "csv", "json"):
+        _fail(ValueError(f"--format must be table, markdown, csv or json, found {fmt!r}"))
     uri = resolve(load_config(None, [f"tracking.uri={tracking_uri}"] if tracking_uri else []))
     try:
         exp_id, parent = latest_parent(uri, experiment, sweep_id)
@@ -191,7 +198,27 @@ def leaderboard(
         _fail(e)
     metric = parent.data.params.get("train.task", "vector")
     metric, mode = ("val_cosine_seed", "max") if metric == "vector" else ("val_loss", "min")
-    render(make(uri, exp_id, parent.info.run_id, metric, mode))
+    render(make(uri, exp_id, parent.info.run_id, metric, mode), fmt=fmt, wide=wide)
+
+
+@app.command()
+def report(
+    experiment: str = typer.Option("archlab", "--experiment", "-e", help="MLflow experiment (= sweep name)."),
+    sweep_id: Optional[str] = typer.Option(None, "--sweep", help="A sweep id (default: latest)."),
+    out: Path = typer.Option(Path("report"), "--out", help="Folder for report.html and its PNGs."),
+    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="Default: $MLFLOW_TRACKING_URI or ./mlflow.db"),
+) -> None:
+    """Write a sweep's self-contained report.html (curves, Pareto, verdicts, slices, importances)."""
+    from archlab.platform.config import load_config
+    from archlab.platform.report import make_report
+    from archlab.platform.runtime import tracking_uri as resolve
+
+    uri = resolve(load_config(None, [f"tracking.uri={tracking_uri}"] if tracking_uri else []))
+    try:
+        page = make_report(uri, experiment, out, sweep_id)
+    except KeyError as e:
+        _fail(e)
+    print(f"report: {page.resolve()}")
 
 
 @app.command()

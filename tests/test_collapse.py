@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from archlab.architectures import build_model, make_config
 from archlab.platform import tracking
 from archlab.platform.baselines import windows
-from archlab.platform.leaderboard import COLLAPSE_THRESHOLD, leaderboard
+from archlab.platform.leaderboard import COLLAPSE_THRESHOLD, format_board, leaderboard
 from archlab.platform.metrics import prediction_self_cosine
 from archlab.platform.sweep import _vector_final
 
@@ -68,7 +68,7 @@ def test_leaderboard_flags_collapsed_models(tmp_path):
         tracking.log_metrics(c, run, m)
     board = leaderboard(uri, exp, parent, "val_cosine_seed", "max")
     rows = {r["entry"]: r for r in board["rows"]}
-    assert rows["transformer"]["flag"] == "collapsed"
-    assert rows["lstm"]["flag"] == "" and rows["gru_stack"]["flag"] == ""  # no figure: no flag
-    assert rows["mean_vector"]["flag"] == "" and board["columns"][2] == "flag"
-    assert "| transformer | model | collapsed |" in board["markdown"]
+    assert rows["transformer"]["collapsed"] is True
+    assert rows["lstm"]["collapsed"] is False and rows["gru_stack"]["collapsed"] is False  # no figure: no flag
+    assert "collapsed" not in rows["mean_vector"] or not rows["mean_vector"]["collapsed"]
+    assert "transformer: collapsed" in format_board(board)

@@ -44,10 +44,11 @@ def test_cli_commands_and_flags_are_frozen():
     assert commands["train"] == ["--config", "--set", "--smoke-test"]
     assert commands["sweep"] == ["--config", "--resume", "--set", "--smoke-test"]
     assert commands["demo"] == ["--set", "--smoke-test"]
-    assert commands["leaderboard"] == ["--experiment", "--sweep", "--tracking-uri"]
+    assert commands["leaderboard"] == ["--experiment", "--format", "--sweep", "--tracking-uri", "--wide"]
     assert commands["models"] == ["--convert", "--data", "--predict", "--prefix", "--split", "--tracking-uri"]
     assert commands["evaluate"] == ["--data", "--experiment", "--json", "--log", "--seed", "--split",
                                     "--tracking-uri", "--train-split"]
+    assert commands["report"] == ["--experiment", "--out", "--sweep", "--tracking-uri"]
     assert {"archs", "submit", "data"} <= set(commands)
 
 

@@ -100,3 +100,23 @@ def test_baseline_window_scores_average_to_evaluate_baselines(sample_dataset):
     for name, scores in per.items():
         assert len(scores) == agg[name]["n_windows"]
         assert scores.mean() == pytest.approx(agg[name]["cosine"], abs=1e-6), name
+
+
+def test_window_comparison_picks_the_best_baseline_and_pairs_by_window():
+    rng = np.random.default_rng(0)
+    base = {"linear_average": 0.5 + 0.1 * rng.standard_normal(400), "random": rng.standard_normal(400) * 0.05}
+    model = base["linear_average"] + 0.01 + 0.001 * rng.standard_normal(400)
+    out = stats.window_comparison(model, base, mode="max")
+    assert out["best_baseline"] == "linear_average"
+    d = out["diff_vs_best_baseline"]
+    assert d == pytest.approx(0.01, abs=5e-4)
+    assert out["diff_vs_best_baseline_lo"] < d < out["diff_vs_best_baseline_hi"]
+    # pairing removes the window-to-window spread (sd 0.1): the interval is ~1e-4 wide
+    assert out["diff_vs_best_baseline_hi"] - out["diff_vs_best_baseline_lo"] < 1e-3
+    assert out["diff_vs_best_baseline_p"] < 1e-10 and out["diff_vs_best_baseline_n"] == 400
+    assert set(stats.WINDOW_METRICS) < set(out)
+    # losses: the lowest mean is the best baseline
+    assert stats.best_baseline({"unigram": 5.0, "uniform": 8.0}, mode="min") == "unigram"
+    assert stats.best_baseline({"b": 1.0, "a": 1.0}) == "a"  # ties by name
+    with pytest.raises(ValueError, match="equal lengths"):
+        stats.window_comparison(model[:10], base)

@@ -129,6 +129,8 @@ class SweepConfig(_Strict):
     seed: int = 0
     # per-arch replacements of search-space entries, e.g. {lstm: {model.d_model: {choices: [128]}}}
     space_overrides: dict[str, dict[str, dict[str, Any]]] = Field(default_factory=dict)
+    # the architecture every other one is tested against (leaderboard verdicts); None: archs[0]
+    reference_arch: str | None = None
 
     @field_validator("archs")
     @classmethod
@@ -136,6 +138,15 @@ class SweepConfig(_Strict):
         if not v:
             raise ValueError("at least one architecture is needed")
         return v
+
+    @model_validator(mode="after")
+    def _reference_is_swept(self):
+        if self.reference_arch is not None and self.reference_arch not in self.archs:
+            raise ValueError(f"reference_arch {self.reference_arch!r} is not one of archs ({', '.join(self.archs)})")
+        return self
+
+    def reference(self) -> str:
+        return self.reference_arch or self.archs[0]
 
 
 class TrackingConfig(_Strict):

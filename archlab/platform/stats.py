@@ -137,3 +137,45 @@ def verdicts(
         c = comparisons[name]
         out[name] = {**c.to_dict(), "p_adj": p_adj, "verdict": verdict(c, p_adj, mode, alpha)}
     return out
+
+
+# Window-level comparison against the best baseline, one per run. The driver calls
+# `window_comparison` with the run's per-window scores (metrics.window_scores) and the
+# baselines' per-window scores on the identical windows (baselines.baseline_window_scores)
+# and logs the float entries as run metrics, "best_baseline" as a tag; the leaderboard
+# reads them back under these names.
+WINDOW_METRICS = ("diff_vs_best_baseline", "diff_vs_best_baseline_lo", "diff_vs_best_baseline_hi",
+                  "diff_vs_best_baseline_p", "diff_vs_best_baseline_n")
+
+
+def best_baseline(baseline_scores: dict[str, Sequence[float]] | dict[str, float], mode: str = "max") -> str:
+    """Name of the best baseline by mean score (`mode`), ties broken by name so every
+    caller picks the same one. Values may be per-window arrays or means."""
+    if mode not in ("max", "min"):
+        raise ValueError(f"mode must be 'max' or 'min', found {mode!r}")
+    if not baseline_scores:
+        raise ValueError("best_baseline: no baselines")
+    means = {k: float(np.mean(_as_array(np.atleast_1d(v)))) for k, v in baseline_scores.items()}
+    sign = -1.0 if mode == "max" else 1.0
+    return min(sorted(means), key=lambda k: sign * means[k])
+
+
+def window_comparison(
+    model_scores: Sequence[float],
+    baseline_scores: dict[str, Sequence[float]] | Sequence[float],
+    mode: str = "max",
+    level: float = 0.95,
+) -> dict[str, float | str]:
+    """Paired per-window comparison of one model with the best baseline (or with the one
+    baseline given as an array) on the identical windows: the mean score difference
+    model - baseline, its `level` t-interval, the two-sided paired-test p and n, under
+    the names of WINDOW_METRICS, plus "best_baseline" (the name; "" for an array)."""
+    if isinstance(baseline_scores, dict):
+        name = best_baseline(baseline_scores, mode)
+        base = baseline_scores[name]
+    else:
+        name, base = "", baseline_scores
+    c = paired(model_scores, base, level)
+    lo_, hi_, p_, n_ = WINDOW_METRICS[1:]
+    return {"best_baseline": name, WINDOW_METRICS[0]: c.diff.mean, lo_: c.diff.lo, hi_: c.diff.hi,
+            p_: c.p, n_: float(c.diff.n)}

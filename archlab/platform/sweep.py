@@ -398,6 +398,8 @@ def _run_tuner(cfg: ArchlabConfig, job: Job, sweep_id: str, parent_id: str, resu
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
 
+    from archlab.platform.study import sweep_journal
+
     metric, mode = cfg.metric()
     c = tracking.client(job.uri)
     _log_baselines(c, parent_id, job.baselines)
@@ -419,6 +421,8 @@ def _run_tuner(cfg: ArchlabConfig, job: Job, sweep_id: str, parent_id: str, resu
             space=functools.partial(define_space, archs=list(cfg.sweep.archs), smoke=cfg.smoke_test,
                                     overrides=cfg.sweep.space_overrides, task=cfg.train.task),
             metric=metric, mode=mode, sampler=sampler, points_to_evaluate=first,
+            # persisted beside Tune's run folder: the report and optuna-dashboard read it
+            storage=sweep_journal(job.storage, sweep_id), study_name=sweep_id,
         )
         tuner = tune.Tuner(
             trainable,

@@ -71,11 +71,17 @@ def _find_runs(c, exp_id: str, filter_string: str, max_results: int = 10):
                          order_by=["attributes.start_time DESC"])
 
 
-def parent_run(c, exp_id: str, sweep_id: str, params: dict[str, Any], *, job_id: str,
+def parent_run(c, exp_id: str, sweep_id: str, params: dict[str, Any], *, job_id: str | None = None,
                run_id: str | None = None) -> str:
     """The job's parent run. A new job (run_id None) always gets a new run tagged with its
-    job id; a resumed job passes the run id it recorded and gets that run back, refused
-    if the run belongs to another job."""
+    job id (a fresh UUID when the caller has none: probe jobs, tests); a resumed job passes
+    the run id it recorded and gets that run back, refused if the run belongs to another job."""
+    if job_id is None:
+        if run_id is not None:
+            raise ValueError("parent_run: resuming a run (run_id) needs the job id it was recorded with")
+        import uuid
+
+        job_id = uuid.uuid4().hex
     if run_id is not None:
         run = c.get_run(run_id)
         if run.data.tags.get(TAG_JOB) != job_id:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import torch
+
+from archlab.kernels import _flops
 from archlab.kernels._dispatch import resolve_kernel
 from archlab.kernels.scan.cpu_scan import linear_scan_cpu
 from archlab.kernels.scan.reference import linear_scan_ref
@@ -30,6 +33,10 @@ def linear_scan(a, b, h0=None, *, kernel: str = "auto", chunk_size: int | None =
     chunk_size: time steps per block (None: a per-path default); results do not depend on it.
     """
     _check(a, b, h0)
+    # the FLOP counter sees none of this (elementwise or fused): one multiply-add per
+    # element forward; backward g_t = dh_t + a_{t+1} g_{t+1} and da_t = g_t h_{t-1}: three
+    grad = (a.requires_grad or b.requires_grad) and torch.is_grad_enabled()
+    _flops.note("linear_scan", 2 * b.numel(), 3 * b.numel() if grad else 0)
     path = resolve_kernel("scan", kernel, b.device)
     if path == "reference":
         return linear_scan_ref(a, b, h0)
