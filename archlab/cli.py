@@ -19,11 +19,13 @@ CONFIGS = Path(__file__).resolve().parent / "configs"
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config (see archlab/configs/).")
 SetOpt = typer.Option(None, "--set", "-s", help="Override, e.g. train.lr=1e-3 or model.d_model=64 (repeatable).")
 SmokeOpt = typer.Option(False, "--smoke-test", help="debug flavors, tiny budget: seconds to a couple of minutes on CPU.")
+VerboseOpt = typer.Option(False, "--verbose", "-v", help="Also print Ray's worker logs, Tune's per-trial tables and Ray Data progress (always in the Ray session's log files).")
 
 
 def _setup_logging(verbose: bool = False) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # --verbose: archlab's own DEBUG lines; Ray's output is the business of runtime.quiet_console
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("archlab").setLevel(logging.DEBUG if verbose else logging.INFO)
     for noisy in ("mlflow", "alembic", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -94,15 +96,16 @@ def archs() -> None:
 
 
 @app.command()
-def train(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt, smoke_test: bool = SmokeOpt) -> None:
+def train(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt, smoke_test: bool = SmokeOpt,
+          verbose: bool = VerboseOpt) -> None:
     """Train one architecture (model.arch) with Ray Train DDP; track and register it."""
-    _setup_logging()
+    _setup_logging(verbose)
     try:
         cfg = _load(config, set_, smoke_test)
         from archlab.platform.leaderboard import render
         from archlab.platform.sweep import run_train
 
-        result = run_train(cfg)
+        result = run_train(cfg, verbose=verbose)
     except _user_errors() as e:
         _fail(e)
     render(result["leaderboard"])
@@ -116,15 +119,16 @@ def sweep(
     set_: Optional[list[str]] = SetOpt,
     smoke_test: bool = SmokeOpt,
     resume: bool = typer.Option(False, "--resume", help="Resume the latest sweep of this name (Tuner.restore)."),
+    verbose: bool = VerboseOpt,
 ) -> None:
     """Ray Tune sweep: Optuna TPE over architectures and their spaces, ASHA early stopping."""
-    _setup_logging()
+    _setup_logging(verbose)
     try:
         cfg = _load(config, set_, smoke_test)
         from archlab.platform.leaderboard import render
         from archlab.platform.sweep import run_sweep
 
-        result = run_sweep(cfg, resume=resume)
+        result = run_sweep(cfg, resume=resume, verbose=verbose)
     except _user_errors() as e:
         _fail(e)
     render(result["leaderboard"])
@@ -140,9 +144,10 @@ def sweep(
 def demo(
     set_: Optional[list[str]] = SetOpt,
     smoke_test: bool = SmokeOpt,
+    verbose: bool = VerboseOpt,
 ) -> None:
     """The main job: a sweep on the shipped WikiText-2 sample, leaderboard, champion."""
-    sweep(config=CONFIGS / "demo.yaml", set_=set_, smoke_test=smoke_test, resume=False)
+    sweep(config=CONFIGS / "demo.yaml", set_=set_, smoke_test=smoke_test, resume=False, verbose=verbose)
 
 
 @app.command()

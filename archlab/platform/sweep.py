@@ -61,14 +61,15 @@ def check_archs(cfg: ArchlabConfig, archs: list[str], smoke: bool) -> None:
         make_config(arch, cfg.model.flavor, overrides)
 
 
-def prepare_job(cfg: ArchlabConfig) -> Job:
+def prepare_job(cfg: ArchlabConfig, verbose: bool = False) -> Job:
     from archlab.platform.data import inspect_dataset, make_ray_datasets, materialized_windows
-    from archlab.platform.runtime import init_ray, storage_path, tracking_uri
+    from archlab.platform.runtime import check_shared_storage, init_ray, storage_path, tracking_uri
 
     info = inspect_dataset(cfg)  # before Ray starts: bad data fails fast
     storage = storage_path(cfg)
     uri = tracking_uri(cfg)
-    init_ray(cfg)
+    init_ray(cfg, verbose=verbose)
+    check_shared_storage(storage, cfg)  # before any worker starts
     datasets = make_ray_datasets(cfg, info)
     windows = materialized_windows(datasets["valid"])
     baselines = compute_baselines(cfg, info, windows)
@@ -182,8 +183,11 @@ def _sweep_id(storage: str, name: str, resume: bool) -> str:
     return f"{name}-{(existing[-1] + 1) if existing else 1}"
 
 
-def run_sweep(cfg: ArchlabConfig, resume: bool = False, progress=None) -> dict[str, Any]:
-    """Layer 3: Tuner(train_driver_fn) with OptunaSearch + ConcurrencyLimiter + ASHA."""
+def run_sweep(cfg: ArchlabConfig, resume: bool = False, progress=None, verbose: bool = False) -> dict[str, Any]:
+    """Layer 3: Tuner(train_driver_fn) with OptunaSearch + ConcurrencyLimiter + ASHA.
+
+    The console shows archlab's progress lines (platform/progress.py); `verbose` adds
+    Tune's per-trial tables and every Ray worker's output."""
     import optuna
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -191,7 +195,7 @@ def run_sweep(cfg: ArchlabConfig, resume: bool = False, progress=None) -> dict[s
     from ray.tune.search.optuna import OptunaSearch
 
     check_archs(cfg, cfg.sweep.archs, cfg.smoke_test)
-    job = prepare_job(cfg)
+    job = prepare_job(cfg, verbose=verbose)
     metric, mode = cfg.metric()
     sweep_id = _sweep_id(job.storage, cfg.sweep.name, resume)
     c = tracking.client(job.uri)
@@ -231,8 +235,10 @@ def run_sweep(cfg: ArchlabConfig, resume: bool = False, progress=None) -> dict[s
                 # max_concurrent_trials when the searcher is already limited
             ),
             run_config=tune.RunConfig(name=sweep_id, storage_path=job.storage,
-                                      failure_config=tune.FailureConfig(max_failures=1), verbose=1),
+                                      failure_config=tune.FailureConfig(max_failures=1),
+                                      verbose=1 if verbose else 0, callbacks=[_progress(cfg, progress)]),
         )
+    _say_where_logs_go(job.storage, sweep_id, verbose)
     grid = tuner.fit()
     trials = [_trial_outcome(result, job, parent_id) for result in grid]
     decisions = finalize(job, [t for t in trials if t.get("spec")], role_parent=parent_id)
@@ -244,6 +250,24 @@ def run_sweep(cfg: ArchlabConfig, resume: bool = False, progress=None) -> dict[s
     c.set_terminated(parent_id, "FINISHED")
     return {"sweep_id": sweep_id, "parent_run_id": parent_id, "trials": trials, "registry": decisions,
             "leaderboard": board, "experiment_id": job.experiment_id, "tracking_uri": job.uri}
+
+
+def _progress(cfg: ArchlabConfig, out=None):
+    """The console's per-trial progress lines, on ASHA's time attribute and budget."""
+    from archlab.platform.progress import trial_progress
+
+    metric, mode = cfg.metric()
+    return trial_progress(metric, mode, time_attr="epoch", max_t=cfg.train.epochs,
+                          **({"out": out} if out is not None else {}))
+
+
+def _say_where_logs_go(storage: str, name: str, verbose: bool) -> None:
+    from archlab.platform.progress import ray_log_dir
+
+    logs = ray_log_dir()
+    if not verbose and logs:
+        print(f"Ray's worker, raylet, Train and Data logs: {logs} (--verbose prints them here)")
+    print(f"trial results and errors: {Path(storage) / name}", flush=True)
 
 
 def _log_baselines(c, run_id: str, baselines: dict[str, dict[str, float]]) -> None:
@@ -362,14 +386,14 @@ def finalize(job: Job, trials: list[dict[str, Any]], role_parent: str | None = N
     return decisions
 
 
-def run_train(cfg: ArchlabConfig) -> dict[str, Any]:
+def run_train(cfg: ArchlabConfig, verbose: bool = False) -> dict[str, Any]:
     """`archlab train`: one TorchTrainer, no Tune; tracked and registered like a trial."""
     import json
 
     from archlab.platform.train import fit_trainer
 
     check_archs(cfg, [cfg.model.arch], cfg.smoke_test)
-    job = prepare_job(cfg)
+    job = prepare_job(cfg, verbose=verbose)
     c = tracking.client(job.uri)
     run_name = f"train-{cfg.model.arch}"
     sweep_id = _sweep_id(job.storage, run_name, resume=False)
@@ -379,8 +403,12 @@ def run_train(cfg: ArchlabConfig) -> dict[str, Any]:
     _log_baselines(c, parent_id, job.baselines)
     run_id = tracking.child_run(c, job.experiment_id, parent_id, sweep_id, sweep_id, cfg.model.arch,
                                 {"arch": cfg.model.arch, **cfg.to_dict()})
-    result = fit_trainer(cfg, job.datasets, job.data_info, name=sweep_id, storage=job.storage,
-                         tracking_uri=job.uri, run_id=run_id)
+    from archlab.platform.progress import RunFollower
+
+    _say_where_logs_go(job.storage, sweep_id, verbose)
+    with RunFollower(job.uri, run_id, cfg.model.arch, *cfg.metric(), epochs=cfg.train.epochs):
+        result = fit_trainer(cfg, job.datasets, job.data_info, name=sweep_id, storage=job.storage,
+                             tracking_uri=job.uri, run_id=run_id)
     metrics = dict(result.metrics or {})
     trial = {"trial_id": sweep_id, "metrics": metrics, "run_id": run_id, "error": None}
     if result.checkpoint is not None:
