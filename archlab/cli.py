@@ -222,14 +222,22 @@ def submit(
     args: list[str] = typer.Argument(..., help="archlab arguments for the job, e.g. sweep --smoke-test"),
 ) -> None:
     """Submit `archlab <args>` as a Ray job with this directory as the working dir."""
+    from ray.exceptions import AuthenticationError
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     from archlab.platform.runtime import submit_job, wait_for_job
 
-    client = JobSubmissionClient(address)
     entry = "archlab " + " ".join(args)
-    job_id = submit_job(client, entrypoint=entry, runtime_env={"working_dir": ".", "excludes": [
-        ".venv", ".git", "archlab_runs", "mlflow.db", "mlruns"]})
+    try:
+        client = JobSubmissionClient(address)
+        job_id = submit_job(client, entrypoint=entry, runtime_env={"working_dir": ".", "excludes": [
+            ".venv", ".git", "archlab_runs", "mlflow.db", "mlruns"]})
+    except AuthenticationError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        _fail(RuntimeError(
+            f"the Ray head at {address} refused the submission ({first}): it runs with token "
+            "authentication; give this shell its token with RAY_AUTH_MODE=token and RAY_AUTH_TOKEN=... "
+            "(or RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token; `ray get-auth-token` on the head prints it)"))
     print(f"submitted {job_id}: {entry}")
     if not wait:
         return
