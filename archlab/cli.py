@@ -19,11 +19,13 @@ CONFIGS = Path(__file__).resolve().parent / "configs"
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config (see archlab/configs/).")
 SetOpt = typer.Option(None, "--set", "-s", help="Override, e.g. train.lr=1e-3 or model.d_model=64 (repeatable).")
 SmokeOpt = typer.Option(False, "--smoke-test", help="debug flavors, tiny budget: seconds to a couple of minutes on CPU.")
+VerboseOpt = typer.Option(False, "--verbose", "-v", help="Also print Ray's worker logs, Tune's per-trial tables and Ray Data progress (always in the Ray session's log files).")
 
 
 def _setup_logging(verbose: bool = False) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # --verbose: archlab's own DEBUG lines; Ray's output is the business of runtime.quiet_console
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("archlab").setLevel(logging.DEBUG if verbose else logging.INFO)
     for noisy in ("mlflow", "alembic", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -119,15 +121,16 @@ def archs() -> None:
 
 
 @app.command()
-def train(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt, smoke_test: bool = SmokeOpt) -> None:
+def train(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt, smoke_test: bool = SmokeOpt,
+          verbose: bool = VerboseOpt) -> None:
     """Train one architecture (model.arch) with Ray Train DDP; track and register it."""
-    _setup_logging()
+    _setup_logging(verbose)
     from archlab.platform.leaderboard import render
 
     def job():
         from archlab.platform.sweep import run_train
 
-        return run_train(_load(config, set_, smoke_test))
+        return run_train(_load(config, set_, smoke_test), verbose=verbose)
 
     result = _run_job(job)
     render(result["leaderboard"])
@@ -141,15 +144,16 @@ def sweep(
     set_: Optional[list[str]] = SetOpt,
     smoke_test: bool = SmokeOpt,
     resume: bool = typer.Option(False, "--resume", help="Resume the latest sweep of this name (Tuner.restore)."),
+    verbose: bool = VerboseOpt,
 ) -> None:
     """Ray Tune sweep: Optuna TPE over architectures and their spaces, ASHA early stopping."""
-    _setup_logging()
+    _setup_logging(verbose)
     from archlab.platform.leaderboard import render
 
     def job():
         from archlab.platform.sweep import run_sweep
 
-        return run_sweep(_load(config, set_, smoke_test), resume=resume)
+        return run_sweep(_load(config, set_, smoke_test), resume=resume, verbose=verbose)
 
     result = _run_job(job)
     render(result["leaderboard"])
@@ -171,9 +175,10 @@ def sweep(
 def demo(
     set_: Optional[list[str]] = SetOpt,
     smoke_test: bool = SmokeOpt,
+    verbose: bool = VerboseOpt,
 ) -> None:
     """The main job: a sweep on the shipped WikiText-2 sample, leaderboard, champion."""
-    sweep(config=CONFIGS / "demo.yaml", set_=set_, smoke_test=smoke_test, resume=False)
+    sweep(config=CONFIGS / "demo.yaml", set_=set_, smoke_test=smoke_test, resume=False, verbose=verbose)
 
 
 @app.command()
@@ -308,14 +313,22 @@ def submit(
     args: list[str] = typer.Argument(..., help="archlab arguments for the job, e.g. sweep --smoke-test"),
 ) -> None:
     """Submit `archlab <args>` as a Ray job with this directory as the working dir."""
+    from ray.exceptions import AuthenticationError
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     from archlab.platform.runtime import submit_job, wait_for_job
 
-    client = JobSubmissionClient(address)
     entry = "archlab " + " ".join(args)
-    job_id = submit_job(client, entrypoint=entry, runtime_env={"working_dir": ".", "excludes": [
-        ".venv", ".git", "archlab_runs", "mlflow.db", "mlruns"]})
+    try:
+        client = JobSubmissionClient(address)
+        job_id = submit_job(client, entrypoint=entry, runtime_env={"working_dir": ".", "excludes": [
+            ".venv", ".git", "archlab_runs", "mlflow.db", "mlruns"]})
+    except AuthenticationError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        _fail(RuntimeError(
+            f"the Ray head at {address} refused the submission ({first}): it runs with token "
+            "authentication; give this shell its token with RAY_AUTH_MODE=token and RAY_AUTH_TOKEN=... "
+            "(or RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token; `ray get-auth-token` on the head prints it)"))
     print(f"submitted {job_id}: {entry}")
     if not wait:
         return

@@ -126,6 +126,9 @@ class SweepConfig(_Strict):
     grace_period: int = Field(1, ge=1)  # ASHA, in epochs
     reduction_factor: int = Field(2, ge=2)
     storage_path: str | None = None  # None: ./archlab_runs (local); cluster: shared storage
+    # a local storage_path on a cluster of several nodes must be declared shared (NFS at the
+    # same path on every node); archlab then checks every node sees it (runtime.py)
+    storage_shared: bool = False
     seed: int = 0
     # per-arch replacements of search-space entries, e.g. {lstm: {model.d_model: {choices: [128]}}}
     space_overrides: dict[str, dict[str, dict[str, Any]]] = Field(default_factory=dict)

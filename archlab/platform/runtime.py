@@ -45,22 +45,141 @@ def storage_path(cfg: ArchlabConfig) -> str:
     return str(p)
 
 
-def init_ray(cfg: ArchlabConfig):
+def check_shared_storage(storage: str, cfg: ArchlabConfig, nodes: list[dict] | None = None,
+                         probe=None) -> None:
+    """Refuse, before any worker starts, a storage path the cluster's nodes do not share.
+
+    Ray Train workers on every node write checkpoints under `storage` and the driver reads
+    them back, so on a cluster of more than one node a node-local folder loses them. A URI
+    (s3://, gs://, ...) is shared by construction. A local path must be declared shared
+    (`sweep.storage_shared: true`: an NFS mount at the same path on every node), and is
+    then checked: the driver writes a marker there, a task pinned to each node must read
+    it and write its own, and the driver must read every node's. `nodes` (ray.nodes())
+    and `probe` (nodes, folder, token -> node ids that failed) are there for tests."""
+    if "://" in storage:
+        return
+    if nodes is None:
+        import ray
+
+        nodes = ray.nodes()
+    alive = [n for n in nodes if n.get("Alive", n.get("alive", False))]
+    if len(alive) <= 1:
+        return
+    if not cfg.sweep.storage_shared:
+        raise ConfigError(
+            f"sweep.storage_path={storage}: a local path, but the Ray cluster has {len(alive)} nodes, so "
+            "checkpoints one node writes there are lost to the others. Use s3://bucket/path (or gs://...), "
+            "or an NFS mount at the same path on every node declared with sweep.storage_shared=true "
+            "(archlab then checks every node sees it)")
+    import uuid
+
+    token = uuid.uuid4().hex
+    folder = Path(storage) / f".archlab_shared_{token[:12]}"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "driver").write_text(token)
+    try:
+        failed = (probe or _probe_nodes)(alive, str(folder), token)
+    finally:
+        import shutil
+
+        shutil.rmtree(folder, ignore_errors=True)
+    if failed:
+        names = ", ".join(f"{n['NodeManagerAddress']} ({n['NodeID'][:12]})" for n in alive if n["NodeID"] in failed)
+        raise ConfigError(
+            f"sweep.storage_path={storage} is declared shared (sweep.storage_shared=true) but {len(failed)} of "
+            f"{len(alive)} nodes do not share it: {names}. Mount the same storage at the same path on every "
+            "node, or use s3://bucket/path")
+
+
+def _probe_nodes(nodes: list[dict], folder: str, token: str, timeout_s: float = 120.0) -> set[str]:
+    """Node ids where a task could not read the driver's marker, or whose own marker the
+    driver cannot read. The task is pickled by value (stdlib only): a node needs nothing
+    of archlab's to answer."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    def visit(folder: str, token: str, node_id: str) -> bool:
+        import os
+
+        try:
+            with open(os.path.join(folder, "driver")) as f:
+                seen = f.read() == token
+            with open(os.path.join(folder, node_id), "w") as f:
+                f.write(token)
+            return seen
+        except OSError:
+            return False
+
+    task = ray.remote(num_cpus=0, max_retries=0)(visit)
+    refs = {n["NodeID"]: task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+            .remote(folder, token, n["NodeID"]) for n in nodes}
+    try:
+        seen = dict(zip(refs, ray.get(list(refs.values()), timeout=timeout_s)))
+    except ray.exceptions.GetTimeoutError:
+        raise ConfigError(f"sweep.storage_path: the shared-storage check did not hear from every node in "
+                          f"{timeout_s:.0f} s (a node without free worker processes?)") from None
+    return {nid for nid, ok in seen.items()
+            if not ok or not (Path(folder) / nid).exists() or (Path(folder) / nid).read_text() != token}
+
+
+def init_ray(cfg: ArchlabConfig, verbose: bool = False):
     """Connect to $RAY_ADDRESS / ray.address, or start a local Ray with logical CPUs.
 
     On 2 physical cores, 1-CPU workers plus Ray Data read tasks starve and hang, so a local
     Ray gets at least 8 logical CPUs (STACK_NOTES). The dashboard stays on: without it the
-    first trainer's placement group was not released (STACK_NOTES)."""
+    first trainer's placement group was not released (STACK_NOTES). Workers' output is
+    forwarded to this console only with `verbose`; it always goes to the session's log
+    files (progress.ray_log_dir())."""
     import ray
 
+    quiet_console(verbose)
     if ray.is_initialized():
         return ray
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, runtime_env={"env_vars": dict(_ENV)}, log_to_driver=True)
+        ray.init(address=address, runtime_env={"env_vars": dict(_ENV)}, log_to_driver=verbose)
     else:
-        start_local_ray(cfg.ray.num_cpus or max(8, 2 * (os.cpu_count() or 2)))
+        start_local_ray(cfg.ray.num_cpus or max(8, 2 * (os.cpu_count() or 2)), log_to_driver=verbose)
     return ray
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, *fragments: str):
+        super().__init__()
+        self.fragments = fragments
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(f in record.getMessage() for f in self.fragments)
+
+
+def quiet_console(verbose: bool) -> None:
+    """The driver's share of the quiet console (the workers' share is log_to_driver=False):
+    Ray Data's progress bars and per-dataset INFO lines, Tune/Train INFO chatter, Optuna's
+    experimental-feature warning and MLflow's pickle warning, once per logged model (archlab
+    logs pickle on purpose: tracking.log_model). `verbose` leaves everything as Ray and
+    MLflow set it."""
+    if verbose:
+        return
+    import warnings
+
+    from ray.data import DataContext  # first: importing Ray Data configures its loggers
+
+    for name in ("ray.data", "ray.tune", "ray.train", "optuna"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    pickle_warning = _DropMessages("Pickle or CloudPickle")
+    logger = logging.getLogger("mlflow.pytorch")
+    if not any(isinstance(f, _DropMessages) for f in logger.filters):
+        logger.addFilter(pickle_warning)
+    warnings.filterwarnings("ignore", message=r"Argument ``group`` is an experimental feature")
+    try:
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+    except ImportError:  # pragma: no cover - optuna is a dependency
+        pass
+    ctx = DataContext.get_current()  # datasets made after this carry it to their workers
+    ctx.enable_progress_bars = False
+    ctx.enable_operator_progress_bars = False
 
 
 _ENV = {"PYTHONDONTWRITEBYTECODE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -99,7 +218,11 @@ def start_local_ray(num_cpus: int, **kwargs) -> str:
             # address="local": without it, ray.init() attaches to any cluster a `ray start`
             # left on this machine instead of starting ours
             ray.init(address="local", num_cpus=num_cpus, include_dashboard=True,
-                     runtime_env={"env_vars": {**_ENV, "RAY_ADDRESS": address}}, **kwargs)
+                     runtime_env={"env_vars": {**_ENV, "RAY_ADDRESS": address}},
+                     # the raylet starts workers min(physical cores, num_cpus) at a time and
+                     # warns ("N PYTHON worker processes ...") at 4x that: the logical CPUs
+                     # chosen above are deliberate, so they are the startup concurrency too
+                     _system_config={"worker_maximum_startup_concurrency": int(num_cpus)}, **kwargs)
             orphans.start_watchdog(owner)
             return address
         except Exception as e:  # the port was taken between choosing and binding it

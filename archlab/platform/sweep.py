@@ -144,9 +144,9 @@ def check_model_builds(cfg: ArchlabConfig, info: DatasetInfo | dict[str, Any]) -
         ) from None
 
 
-def prepare_job(cfg: ArchlabConfig) -> Job:
+def prepare_job(cfg: ArchlabConfig, verbose: bool = False) -> Job:
     from archlab.platform.data import inspect_dataset, make_ray_datasets, materialized_windows, train_window_count
-    from archlab.platform.runtime import init_ray, storage_path, tracking_uri
+    from archlab.platform.runtime import check_shared_storage, init_ray, storage_path, tracking_uri
     from archlab.platform.trainer import check_schedule
 
     info = inspect_dataset(cfg)  # before Ray starts: bad data fails fast
@@ -155,7 +155,8 @@ def prepare_job(cfg: ArchlabConfig) -> Job:
     check_model_builds(cfg, info)
     storage = storage_path(cfg)
     uri = tracking_uri(cfg)
-    init_ray(cfg)
+    init_ray(cfg, verbose=verbose)
+    check_shared_storage(storage, cfg)  # before any worker starts
     datasets = make_ray_datasets(cfg, info)
     windows = materialized_windows(datasets["valid"])
     baselines = compute_baselines(cfg, info, windows)
@@ -375,10 +376,13 @@ def ends_runs_on_exit(c, exp_id: str, parent_id: str):
         raise
 
 
-def run_sweep(cfg: ArchlabConfig, resume: bool = False, progress=None) -> dict[str, Any]:
-    """Layer 3: Tuner(train_driver_fn) with OptunaSearch + ConcurrencyLimiter + ASHA."""
+def run_sweep(cfg: ArchlabConfig, resume: bool = False, progress=None, verbose: bool = False) -> dict[str, Any]:
+    """Layer 3: Tuner(train_driver_fn) with OptunaSearch + ConcurrencyLimiter + ASHA.
+
+    The console shows archlab's progress lines (platform/progress.py); `verbose` adds
+    Tune's per-trial tables and every Ray worker's output."""
     check_archs(cfg, cfg.sweep.archs, cfg.smoke_test)
-    job = prepare_job(cfg)
+    job = prepare_job(cfg, verbose=verbose)
     sweep_id = _sweep_id(job.storage, cfg.sweep.name, resume)
     rec = _job_record(job.storage, sweep_id, job.uri, resume)
     c = tracking.client(job.uri)
@@ -388,10 +392,11 @@ def run_sweep(cfg: ArchlabConfig, resume: bool = False, progress=None) -> dict[s
     rec["parent_run_id"] = parent_id
     _write_job_record(job.storage, rec)
     with ends_runs_on_exit(c, job.experiment_id, parent_id):
-        return _run_tuner(cfg, job, sweep_id, parent_id, resume)
+        return _run_tuner(cfg, job, sweep_id, parent_id, resume, verbose, progress)
 
 
-def _run_tuner(cfg: ArchlabConfig, job: Job, sweep_id: str, parent_id: str, resume: bool) -> dict[str, Any]:
+def _run_tuner(cfg: ArchlabConfig, job: Job, sweep_id: str, parent_id: str, resume: bool,
+               verbose: bool = False, progress=None) -> dict[str, Any]:
     import optuna
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -437,8 +442,10 @@ def _run_tuner(cfg: ArchlabConfig, job: Job, sweep_id: str, parent_id: str, resu
                 # max_concurrent_trials when the searcher is already limited
             ),
             run_config=tune.RunConfig(name=sweep_id, storage_path=job.storage,
-                                      failure_config=tune.FailureConfig(max_failures=1), verbose=1),
+                                      failure_config=tune.FailureConfig(max_failures=1),
+                                      verbose=1 if verbose else 0, callbacks=[_progress(cfg, progress)]),
         )
+    _say_where_logs_go(job.storage, sweep_id, verbose)
     grid = tuner.fit()
     trials = [_trial_outcome(result, job, parent_id) for result in grid]
     decisions = finalize(job, [t for t in trials if t.get("spec") and not t.get("error")], role_parent=parent_id)
@@ -451,6 +458,24 @@ def _run_tuner(cfg: ArchlabConfig, job: Job, sweep_id: str, parent_id: str, resu
     tracking.end_run(c, parent_id, "FINISHED")
     return {"sweep_id": sweep_id, "parent_run_id": parent_id, "trials": trials, "registry": decisions,
             "leaderboard": board, "experiment_id": job.experiment_id, "tracking_uri": job.uri}
+
+
+def _progress(cfg: ArchlabConfig, out=None):
+    """The console's per-trial progress lines, on ASHA's time attribute and budget."""
+    from archlab.platform.progress import trial_progress
+
+    metric, mode = cfg.metric()
+    return trial_progress(metric, mode, time_attr="epoch", max_t=cfg.train.epochs,
+                          **({"out": out} if out is not None else {}))
+
+
+def _say_where_logs_go(storage: str, name: str, verbose: bool) -> None:
+    from archlab.platform.progress import ray_log_dir
+
+    logs = ray_log_dir()
+    if not verbose and logs:
+        print(f"Ray's worker, raylet, Train and Data logs: {logs} (--verbose prints them here)")
+    print(f"trial results and errors: {Path(storage) / name}", flush=True)
 
 
 def _log_baselines(c, run_id: str, baselines: dict[str, dict[str, float]]) -> None:
@@ -621,11 +646,11 @@ def finalize(job: Job, trials: list[dict[str, Any]], role_parent: str | None = N
     return decisions
 
 
-def run_train(cfg: ArchlabConfig) -> dict[str, Any]:
+def run_train(cfg: ArchlabConfig, verbose: bool = False) -> dict[str, Any]:
     """`archlab train`: one TorchTrainer, no Tune; tracked and registered like a trial.
     Always a new job: new parent and child runs, a new Train run folder."""
     check_archs(cfg, [cfg.model.arch], cfg.smoke_test)
-    job = prepare_job(cfg)
+    job = prepare_job(cfg, verbose=verbose)
     c = tracking.client(job.uri)
     sweep_id = _sweep_id(job.storage, f"train-{cfg.model.arch}", resume=False)
     rec = _job_record(job.storage, sweep_id, job.uri, resume=False)
@@ -635,10 +660,10 @@ def run_train(cfg: ArchlabConfig) -> dict[str, Any]:
     rec["parent_run_id"] = parent_id
     _write_job_record(job.storage, rec)
     with ends_runs_on_exit(c, job.experiment_id, parent_id):
-        return _train_one(cfg, job, sweep_id, parent_id)
+        return _train_one(cfg, job, sweep_id, parent_id, verbose)
 
 
-def _train_one(cfg: ArchlabConfig, job: Job, sweep_id: str, parent_id: str) -> dict[str, Any]:
+def _train_one(cfg: ArchlabConfig, job: Job, sweep_id: str, parent_id: str, verbose: bool = False) -> dict[str, Any]:
     from archlab.platform.failures import TrialFailed
     from archlab.platform.train import fit_trainer
 
@@ -647,9 +672,13 @@ def _train_one(cfg: ArchlabConfig, job: Job, sweep_id: str, parent_id: str) -> d
     run_id = tracking.child_run(c, job.experiment_id, parent_id, sweep_id, sweep_id, cfg.model.arch,
                                 {"arch": cfg.model.arch, **cfg.to_dict(),
                                  "data": {**cfg.to_dict()["data"], "dataset_id": job.info.dataset_id}})
+    from archlab.platform.progress import RunFollower
+
+    _say_where_logs_go(job.storage, sweep_id, verbose)
     try:
-        result = fit_trainer(cfg, job.datasets, job.data_info, name=sweep_id, storage=job.storage,
-                             tracking_uri=job.uri, run_id=run_id)
+        with RunFollower(job.uri, run_id, cfg.model.arch, *cfg.metric(), epochs=cfg.train.epochs):
+            result = fit_trainer(cfg, job.datasets, job.data_info, name=sweep_id, storage=job.storage,
+                                 tracking_uri=job.uri, run_id=run_id)
     except TrialFailed as e:  # terminal: the run is FAILED with its reason, nothing is retried
         tracking.end_run(c, run_id, "FAILED", str(e))
         raise
