@@ -379,8 +379,9 @@ def ends_runs_on_exit(c, exp_id: str, parent_id: str):
 def run_sweep(cfg: ArchlabConfig, resume: bool = False, progress=None, verbose: bool = False) -> dict[str, Any]:
     """Layer 3: Tuner(train_driver_fn) with OptunaSearch + ConcurrencyLimiter + ASHA.
 
-    The console shows archlab's progress lines (platform/progress.py); `verbose` adds
-    Tune's per-trial tables and every Ray worker's output."""
+    The console shows archlab's progress lines (platform/progress.py), each passed to
+    `progress` (a callable; default print); `verbose` adds Tune's per-trial tables and
+    every Ray worker's output."""
     check_archs(cfg, cfg.sweep.archs, cfg.smoke_test)
     job = prepare_job(cfg, verbose=verbose)
     sweep_id = _sweep_id(job.storage, cfg.sweep.name, resume)
@@ -475,7 +476,7 @@ def _say_where_logs_go(storage: str, name: str, verbose: bool) -> None:
     logs = ray_log_dir()
     if not verbose and logs:
         print(f"Ray's worker, raylet, Train and Data logs: {logs} (--verbose prints them here)")
-    print(f"trial results and errors: {Path(storage) / name}", flush=True)
+    print(f"trial results and errors: {storage.rstrip('/')}/{name}", flush=True)  # a URI stays a URI
 
 
 def _log_baselines(c, run_id: str, baselines: dict[str, dict[str, float]]) -> None:
@@ -676,9 +677,9 @@ def _train_one(cfg: ArchlabConfig, job: Job, sweep_id: str, parent_id: str, verb
 
     _say_where_logs_go(job.storage, sweep_id, verbose)
     try:
-        with RunFollower(job.uri, run_id, cfg.model.arch, *cfg.metric(), epochs=cfg.train.epochs):
+        with RunFollower(sweep_id, cfg.model.arch, *cfg.metric(), epochs=cfg.train.epochs) as follower:
             result = fit_trainer(cfg, job.datasets, job.data_info, name=sweep_id, storage=job.storage,
-                                 tracking_uri=job.uri, run_id=run_id)
+                                 tracking_uri=job.uri, run_id=run_id, callbacks=[follower.callback()])
     except TrialFailed as e:  # terminal: the run is FAILED with its reason, nothing is retried
         tracking.end_run(c, run_id, "FAILED", str(e))
         raise
