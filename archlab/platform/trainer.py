@@ -188,8 +188,10 @@ class Trainer:
     decided."""
 
     def __init__(self, model: torch.nn.Module, cfg: ArchlabConfig, *, device=None, precision: str = "fp32",
-                 total_steps: int = 0, tokens_per_byte: float = 1.0, check_every: int = 64):
+                 total_steps: int = 0, tokens_per_byte: float = 1.0, check_every: int = 64,
+                 loss: Callable[[torch.nn.Module, Any], torch.Tensor] | None = None):
         t = cfg.train
+        self._loss = loss  # batch_loss's replacement, if given
         self.cfg, self.model, self.module = cfg, model, unwrap(model)
         self.device = device if device is not None else next(self.module.parameters()).device
         self.task, self.accum, self.check_every = t.task, t.grad_accum, max(1, check_every)
@@ -239,6 +241,26 @@ class Trainer:
     def _x(batch) -> torch.Tensor:
         return batch["x"] if isinstance(batch, dict) else batch
 
+    def _to_device(self, batch):
+        if isinstance(batch, dict):
+            return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        return batch.to(self.device, non_blocking=True)
+
+    @staticmethod
+    def _batch_size(batch) -> int:
+        if not isinstance(batch, dict):
+            return batch.shape[0]
+        return (batch["x"] if "x" in batch else next(v for v in batch.values() if torch.is_tensor(v))).shape[0]
+
+    def batch_loss(self, model, batch) -> torch.Tensor:
+        """The training loss of one micro-batch (already on the device): a scalar tensor,
+        left on the device. Default: `task_loss` on batch["x"]. The `loss=` callable
+        (model, batch) -> scalar, or a subclass overriding this method, replaces it for
+        other layouts (the probes' loss at their marked positions only, archlab.platform.probe)."""
+        if self._loss is not None:
+            return self._loss(model, batch)
+        return self.task_loss(model, self._x(batch))
+
     def task_loss(self, model, x: torch.Tensor) -> torch.Tensor:
         """Training loss at every position: x[:, 1:] predicted from x[:, :-1]."""
         if self.task == "vector":
@@ -250,12 +272,12 @@ class Trainer:
     def train_step(self, batch) -> bool:
         """Forward and backward one micro-batch; an optimizer step after every `grad_accum`
         micro-batches. Returns True when an optimizer step was taken."""
-        x = self._x(batch).to(self.device, non_blocking=True)
+        batch = self._to_device(batch)
         last = (self.batches_in_epoch + 1) % self.accum == 0
         sync = nullcontext() if last or not hasattr(self.model, "no_sync") else self.model.no_sync()
         with sync:
             with self.autocast:
-                loss = self.task_loss(self.model, x)
+                loss = self.batch_loss(self.model, batch)
                 if self.step == self.cfg.train.inject_nan_at_step:  # fault injection (tests): every rank, every try
                     loss = loss * float("nan")
                 total = loss
@@ -275,7 +297,7 @@ class Trainer:
         self._first_bad = torch.where((self._first_bad < 0) & ~torch.isfinite(total),
                                       torch.full_like(self._first_bad, here), self._first_bad)
         self.batches_in_epoch += 1
-        self._samples += x.shape[0]
+        self._samples += self._batch_size(batch)
         if not last:
             return False
         if self.cfg.train.grad_clip > 0:
