@@ -343,7 +343,7 @@ def test_failed_train_leaves_no_running_run_and_names_the_reason(ray_local, tmp_
         f"data.path={sample_dataset}", f"tracking.uri={uri}", f"sweep.storage_path={tmp_path / 'runs'}",
         "model.arch=lstm", "train.num_workers=1", "train.max_failures=2", "train.inject_nan_at_step=3",
     ], smoke_test=True)
-    with pytest.raises(TrialFailed, match=r"^FloatingPointError: non-finite training loss nan at epoch 0, step 3"):
+    with pytest.raises(TrialFailed, match=r"^FloatingPointError: non-finite training loss at step 3 .*epoch 0"):
         run_train(cfg)
     c = tracking.client(uri)
     runs = _runs(c, c.get_experiment_by_name("archlab").experiment_id)

@@ -93,6 +93,22 @@ def install_signal_handlers() -> None:
     def handler(signum, frame):
         raise Interrupted(f"interrupted by {signal.Signals(signum).name}")
 
+    global _installed
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # read by tune.run at each fit
     signal.signal(signal.SIGINT, handler)
     signal.signal(signal.SIGTERM, handler)
+    _installed = handler
+
+
+_installed = None  # the handler install_signal_handlers set, if it ran in this process
+
+
+def reinstall_signal_handlers() -> None:
+    """Put archlab's handlers back after a library replaced them (ray.init sets its own
+    SIGTERM handler, which exits with status 1 and skips the runs' KILLED ending). Does
+    nothing where install_signal_handlers never ran (library use, tests, Ray workers)."""
+    import threading
+
+    if _installed is not None and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, _installed)
+        signal.signal(signal.SIGTERM, _installed)

@@ -140,6 +140,11 @@ def init_ray(cfg: ArchlabConfig, verbose: bool = False):
         ray.init(address=address, runtime_env={"env_vars": dict(_ENV)}, log_to_driver=verbose)
     else:
         start_local_ray(cfg.ray.num_cpus or max(8, 2 * (os.cpu_count() or 2)), log_to_driver=verbose)
+    # ray.init replaces the driver's SIGTERM handler with one that calls sys.exit: put
+    # archlab's back (when the CLI installed it), so SIGTERM ends the runs KILLED and exits 130
+    from archlab.platform.failures import reinstall_signal_handlers
+
+    reinstall_signal_handlers()
     return ray
 
 
