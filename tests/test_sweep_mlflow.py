@@ -82,3 +82,29 @@ def test_leaderboard_has_every_arch_and_the_baselines(sweep_result):
     values = [r["val_cosine_seed"] for r in rows]
     assert values == sorted(values, reverse=True)
     assert "| linear_average | baseline |" in result["leaderboard"]["markdown"]
+
+
+def test_every_vector_trial_carries_its_window_level_ci_against_the_best_baseline(sweep_result, mlflow_server):
+    """finalize logs stats.window_comparison for each trial: the paired per-window CI of
+    the difference to the best baseline, which the leaderboard shows for a single run."""
+    from mlflow.tracking import MlflowClient
+
+    from archlab.platform.stats import WINDOW_METRICS
+
+    cfg, result = sweep_result
+    c = MlflowClient(mlflow_server)
+    parent = c.get_run(result["parent_run_id"]).data.metrics
+    best = max((k for k in parent if k.startswith("baseline.") and k.endswith(".cosine")), key=parent.get)
+    for t in result["trials"]:
+        run = c.get_run(t["run_id"])
+        m = run.data.metrics
+        assert set(WINDOW_METRICS) <= set(m), sorted(m)
+        assert m["diff_vs_best_baseline_lo"] <= m["diff_vs_best_baseline"] <= m["diff_vs_best_baseline_hi"]
+        assert run.data.tags["archlab.best_baseline"] == best[len("baseline."):-len(".cosine")]
+        # the mean difference is the run's own seed-protocol cosine minus the baseline's (the
+        # worker evaluated under its precision, the driver in fp32)
+        tol = 2e-4 if run.data.params.get("precision") == "fp32" else 2e-2
+        assert m["diff_vs_best_baseline"] == pytest.approx(m["val_cosine_seed"] - parent[best], abs=tol)
+        assert m["diff_vs_best_baseline_n"] == parent[best.replace(".cosine", ".n_windows")]
+    d_base = {r["entry"]: r.get("d_base") for r in result["leaderboard"]["rows"] if r["kind"] == "model"}
+    assert all(v is not None for v in d_base.values()), d_base

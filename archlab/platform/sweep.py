@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from archlab.platform import tracking
+from archlab.platform import leaderboard as leaderboard_tags, tracking
 from archlab.platform.config import ArchlabConfig, ConfigError
 from archlab.platform.data import DatasetInfo
 from archlab.search_spaces import MODEL_SETTINGS
@@ -592,6 +592,26 @@ def _registered_version(c, name: str, run_id: str):
     return max(versions, key=lambda v: int(v.version)) if versions else None
 
 
+def _baseline_window_scores(job: Job) -> dict[str, np.ndarray]:
+    """Every baseline's per-window cosine on the seed-protocol validation windows (the
+    values whose means are the logged baseline.<name>.cosine)."""
+    from archlab.platform.baselines import baseline_window_scores
+    from archlab.platform.data import read_vector_docs
+
+    train_docs = read_vector_docs(job.info.files[job.cfg.data.train_split], job.info.dim)
+    w = job.valid_windows
+    return baseline_window_scores(train_docs, list(w), context=w.shape[1] - 1, seed=job.cfg.train.seed)
+
+
+def _window_comparison(model, job: Job, base_scores: dict[str, np.ndarray]) -> dict[str, Any]:
+    """The model's paired per-window comparison with the best baseline (stats.WINDOW_METRICS):
+    what the leaderboard shows as d_base with its 95% CI, available for a single run."""
+    from archlab.platform.metrics import window_scores
+    from archlab.platform.stats import window_comparison
+
+    return window_comparison(window_scores(model, job.valid_windows, "vector"), base_scores, mode="max")
+
+
 def finalize(job: Job, trials: list[dict[str, Any]], role_parent: str | None = None) -> list[dict[str, Any]]:
     """Log every trial's final model to its run; register the best trial per architecture
     and move `champion` only if it beats the current one on the same windows.
@@ -605,6 +625,7 @@ def finalize(job: Job, trials: list[dict[str, Any]], role_parent: str | None = N
     example = job.valid_windows[:2, :-1]
     example = example.astype(np.float32 if cfg.train.task == "vector" else np.int64)
     best: dict[str, dict[str, Any]] = {}
+    base_scores = None  # the baselines' per-window scores, computed once, when first needed
     for t in trials:
         if t.get("run_id") is None:
             continue
@@ -620,6 +641,11 @@ def finalize(job: Job, trials: list[dict[str, Any]], role_parent: str | None = N
         final = {"latency_ms": _latency_ms(t["model"], job.valid_windows, cfg.train.task)}
         if cfg.train.task == "vector":
             final.update(_vector_final(t["model"], job.valid_windows))
+            if base_scores is None:
+                base_scores = _baseline_window_scores(job)
+            comparison = _window_comparison(t["model"], job, base_scores)
+            final.update({k: v for k, v in comparison.items() if k != "best_baseline" and not math.isnan(v)})
+            c.set_tag(t["run_id"], leaderboard_tags.TAG_BEST_BASELINE, comparison["best_baseline"])
         if TAG_MODEL_URI in run.data.tags:
             t["model_uri"] = run.data.tags[TAG_MODEL_URI]
             final = {k: run.data.metrics.get(k, v) for k, v in final.items()}  # logged once, before the kill
