@@ -73,7 +73,10 @@ def _run_job(fn):
     except TrialFailed as e:
         _fail(e, code=1, label="training failed")
     except (Interrupted, KeyboardInterrupt) as e:
-        _fail(e if str(e) else "interrupted", code=130, label="stopped")
+        from archlab.platform import failures
+
+        why = str(e) or (f"interrupted by {failures.last_signal}" if failures.last_signal else "interrupted")
+        _fail(why, code=130, label="stopped")
 
 
 def _where(result: dict) -> None:

@@ -91,7 +91,9 @@ def install_signal_handlers() -> None:
     import os
 
     def handler(signum, frame):
-        raise Interrupted(f"interrupted by {signal.Signals(signum).name}")
+        global last_signal
+        last_signal = signal.Signals(signum).name
+        raise Interrupted(f"interrupted by {last_signal}")
 
     global _installed
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # read by tune.run at each fit
@@ -101,6 +103,9 @@ def install_signal_handlers() -> None:
 
 
 _installed = None  # the handler install_signal_handlers set, if it ran in this process
+# the last signal that handler received: Ray Train's controller loop catches the
+# Interrupted raised inside it and re-raises a bare KeyboardInterrupt, which loses the name
+last_signal: str | None = None
 
 
 def reinstall_signal_handlers() -> None:
