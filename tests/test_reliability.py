@@ -383,3 +383,62 @@ def test_sigterm_ends_the_runs_killed_exits_130_and_leaves_no_orphans(tmp_path, 
         time.sleep(0.5)
     assert not orphans.marked_pids(owner)
     print(f"FIGURE SIGTERM: exit 130 after {t_exit:.1f} s, runs KILLED, Ray gone {time.perf_counter() - t0:.1f} s")
+
+
+@pytest.mark.slow
+def test_worker_sigkill_mid_epoch_loses_at_most_the_checkpoint_interval(ray_local, tmp_path, sample_dataset):
+    """Fault injection: SIGKILL the Train worker in the middle of an epoch. Ray Train
+    restarts it from the last mid-epoch checkpoint (train.checkpoint_every_steps), so the
+    steps lost are the ones since that checkpoint: fewer than the interval."""
+    import threading
+
+    from ray.util.state import list_actors
+
+    from archlab.platform.sweep import run_train
+    from archlab.platform.train import load_state
+
+    every = 5
+    uri = f"sqlite:///{tmp_path}/m.db"
+    cfg = load_config(None, [
+        f"data.path={sample_dataset}", f"tracking.uri={uri}", f"sweep.storage_path={tmp_path / 'runs'}",
+        "model.arch=lstm", "train.num_workers=1", "train.max_failures=1", f"train.checkpoint_every_steps={every}",
+        "train.max_steps_per_epoch=60", "train.epochs=2",
+    ], smoke_test=True)
+    out: dict = {}
+    job = threading.Thread(target=lambda: out.update(result=run_train(cfg)), daemon=True)
+    job.start()
+
+    def checkpoints():
+        states = []
+        for p in (tmp_path / "runs").rglob("state.pt"):
+            try:
+                states.append(load_state(p.parent))
+            except Exception:  # being written or deleted right now
+                pass
+        return states
+
+    deadline = time.time() + 600
+    while time.time() < deadline and not any(s["epoch"] == 0 and s["step"] >= 2 * every for s in checkpoints()):
+        assert job.is_alive(), "the run ended before the worker could be killed"
+        time.sleep(0.2)
+    workers = [a for a in list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])]
+    assert len(workers) == 1, workers
+    os.kill(workers[0].pid, signal.SIGKILL)
+    t_kill = time.time()
+    time.sleep(0.5)  # the worker is gone: its last checkpoint is the resume point
+    last = max(s["step"] for s in checkpoints() if s["epoch"] == 0)
+    job.join(timeout=900)
+    assert not job.is_alive() and "result" in out
+    result = out["result"]
+    c = tracking.client(uri)
+    run = c.get_run(result["run_id"])
+    assert run.info.status == "FINISHED"
+    resumed = [m.value for m in c.get_metric_history(result["run_id"], "resumed_from_step")]
+    steps = [int(m.value) for m in c.get_metric_history(result["run_id"], "step")]
+    assert steps == [60, 120]  # no step counted twice, none missing
+    assert resumed[0] >= last - every and resumed[0] % every == 0 and 0 < resumed[0] < 60, (resumed, last)
+    assert [m.step for m in c.get_metric_history(result["run_id"], "val_cosine_seed")] == [1, 2]
+    runs = _runs(c, c.get_experiment_by_name("archlab").experiment_id)
+    assert len(runs) == 2 and {r.info.status for r in runs} == {"FINISHED"}
+    print(f"FIGURE worker SIGKILL: killed at a step after {last}, resumed from step {int(resumed[0])} "
+          f"(interval {every}), run FINISHED {time.time() - t_kill:.0f} s after the kill")

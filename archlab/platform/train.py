@@ -144,6 +144,9 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             trainer.load_state_dict(load_state(d, device))
         log.info("rank %d resumed at epoch %d, batch %d of it (step %d)", rank, trainer.epoch,
                  trainer.batches_in_epoch, trainer.step)
+    # the optimizer step this worker process resumed from (-1: a fresh start), logged with
+    # every epoch's metrics so a restart and how much it lost can be read off the run
+    resumed_from_step = trainer.step if restored else -1
 
     buffer = None
     if rank == 0 and config.get("mlflow_run_id"):
@@ -185,6 +188,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
                 on_step=after_step if every or fail_at >= 0 else None,
                 valid_ctx_batches=valid_ctx_shard.iter_torch_batches(batch_size=256) if valid_ctx_shard else None,
             )
+            metrics["resumed_from_step"] = float(resumed_from_step)
             if buffer is not None:
                 buffer.log_metrics(metrics, step=epoch + 1)
                 # Tune may stop the trial at this report (ASHA: at once at max_t), so the last
