@@ -14,6 +14,7 @@ import threading
 import time
 from typing import Any, Callable
 
+from ray.train import UserCallback
 from ray.tune import Callback
 
 from archlab.platform.leaderboard import ABBREV
@@ -31,7 +32,7 @@ def progress_line(trial_id: str, arch: str, status: str, done: float, total: flo
     best_s = f"{best:.4f}" if best is not None else "-"
     sps = f"{samples_per_s:,.0f} samples/s" if samples_per_s is not None else ""
     done_s = f"{done:g}/{total:g}"
-    return (f"  {str(trial_id)[:8]:<8} {arch[:12]:<12} {status[:8]:<8} {unit} {done_s:<5} "
+    return (f"  {str(trial_id):<8} {arch[:12]:<12} {status[:8]:<8} {unit} {done_s:<5} "
             f"[{'#' * filled}{'-' * (BAR - filled)}] {frac * 100:3.0f}% best {ABBREV.get(metric, metric)} "
             f"{best_s} {sps}").rstrip()
 
@@ -150,42 +151,64 @@ def trial_progress(metric: str, mode: str, time_attr: str, max_t: float, **kwarg
     return TrialProgress(metric, mode, time_attr, max_t, **kwargs)
 
 
-class RunFollower:
-    """`archlab train` has no Tune loop on the driver: follow the run's MLflow metrics (rank
-    0 logs every epoch) from a thread and print a progress line for each new epoch."""
+class TrainProgress(UserCallback):
+    """A Ray Train callback (it runs in Train's controller actor, not on the driver): hands
+    rank 0's report to the driver's RunFollower through a queue actor."""
 
-    def __init__(self, uri: str, run_id: str, arch: str, metric: str, mode: str, epochs: int,
-                 poll_s: float = 3.0, out: Callable[[str], None] | None = None):
-        self.uri, self.run_id, self.arch, self.metric, self.mode = uri, run_id, arch, metric, mode
-        self.epochs, self.poll_s = epochs, poll_s
+    KEYS = ("epoch", "samples_per_s")
+
+    def __init__(self, queue, metric: str):
+        self.queue, self.metric = queue, metric
+
+    def after_report(self, run_context, metrics, checkpoint):
+        first = metrics[0] if metrics else {}
+        try:
+            self.queue.put_nowait({k: first[k] for k in (*self.KEYS, self.metric) if k in first})
+        except Exception:  # progress is a courtesy: never fail the run for it
+            pass
+
+
+class RunFollower:
+    """`archlab train` has no Tune loop on the driver: a thread prints a progress line for
+    each report that TrainProgress forwards (pass `callback()` to the TorchTrainer)."""
+
+    def __init__(self, name: str, arch: str, metric: str, mode: str, epochs: int,
+                 out: Callable[[str], None] | None = None):
+        from ray.util.queue import Queue
+
+        self.name, self.arch, self.metric, self.mode, self.epochs = name, arch, metric, mode, epochs
         self.out = out or _print
+        # num_cpus=0: a queue must never take a CPU a worker needs (3-CPU nodes, 2-CPU workers)
+        self.queue = Queue(actor_options={"num_cpus": 0})
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="archlab-progress", daemon=True)
-        self.seen = 0
+        self.best: float | None = None
+        self.lines = 0
 
-    def poll(self) -> None:
-        from archlab.platform import tracking
+    def callback(self) -> TrainProgress:
+        return TrainProgress(self.queue, self.metric)
 
-        c = tracking.client(self.uri)
-        epochs = c.get_metric_history(self.run_id, "epoch")
-        if not epochs or max(m.value for m in epochs) <= self.seen:
-            return
-        self.seen = int(max(m.value for m in epochs))
-        history = c.get_metric_history(self.run_id, self.metric)
-        best = None
-        for m in history:
-            if _better(m.value, best, self.mode):
-                best = m.value
-        sps = c.get_run(self.run_id).data.metrics.get("samples_per_s")
-        status = "FINISHED" if self.seen >= self.epochs else "RUNNING"
-        self.out(progress_line(self.run_id[:8], self.arch, status, self.seen, self.epochs, self.metric, best, sps))
+    def show(self, report: dict) -> None:
+        value = report.get(self.metric)
+        if isinstance(value, (int, float)) and value == value and _better(float(value), self.best, self.mode):
+            self.best = float(value)
+        done = float(report.get("epoch", 0))
+        status = "FINISHED" if done >= self.epochs else "RUNNING"
+        self.out(progress_line(self.name, self.arch, status, done, self.epochs, self.metric, self.best,
+                               report.get("samples_per_s")))
+        self.lines += 1
 
     def _loop(self) -> None:
-        while not self._stop.wait(self.poll_s):
+        from ray.util.queue import Empty
+
+        while not self._stop.is_set():
             try:
-                self.poll()
-            except Exception as e:  # progress is a courtesy: never fail the run for it
+                self.show(self.queue.get(timeout=1.0))
+            except Empty:
+                continue
+            except Exception as e:  # the queue actor went away: stop following, keep training
                 print(f"progress: {type(e).__name__}: {e}", file=sys.stderr)
+                return
 
     def __enter__(self) -> "RunFollower":
         self._thread.start()
@@ -195,6 +218,7 @@ class RunFollower:
         self._stop.set()
         self._thread.join(timeout=10)
         try:
-            self.poll()  # the last epoch, if it landed after the last poll
-        except Exception:
-            pass
+            while not self.queue.empty():  # reports that landed after the last get
+                self.show(self.queue.get_nowait())
+        finally:
+            self.queue.shutdown()

@@ -186,8 +186,9 @@ def _sweep_id(storage: str, name: str, resume: bool) -> str:
 def run_sweep(cfg: ArchlabConfig, resume: bool = False, progress=None, verbose: bool = False) -> dict[str, Any]:
     """Layer 3: Tuner(train_driver_fn) with OptunaSearch + ConcurrencyLimiter + ASHA.
 
-    The console shows archlab's progress lines (platform/progress.py); `verbose` adds
-    Tune's per-trial tables and every Ray worker's output."""
+    The console shows archlab's progress lines (platform/progress.py), each passed to
+    `progress` (a callable; default print); `verbose` adds Tune's per-trial tables and
+    every Ray worker's output."""
     import optuna
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -267,7 +268,7 @@ def _say_where_logs_go(storage: str, name: str, verbose: bool) -> None:
     logs = ray_log_dir()
     if not verbose and logs:
         print(f"Ray's worker, raylet, Train and Data logs: {logs} (--verbose prints them here)")
-    print(f"trial results and errors: {Path(storage) / name}", flush=True)
+    print(f"trial results and errors: {storage.rstrip('/')}/{name}", flush=True)  # a URI stays a URI
 
 
 def _log_baselines(c, run_id: str, baselines: dict[str, dict[str, float]]) -> None:
@@ -406,9 +407,9 @@ def run_train(cfg: ArchlabConfig, verbose: bool = False) -> dict[str, Any]:
     from archlab.platform.progress import RunFollower
 
     _say_where_logs_go(job.storage, sweep_id, verbose)
-    with RunFollower(job.uri, run_id, cfg.model.arch, *cfg.metric(), epochs=cfg.train.epochs):
+    with RunFollower(sweep_id, cfg.model.arch, *cfg.metric(), epochs=cfg.train.epochs) as follower:
         result = fit_trainer(cfg, job.datasets, job.data_info, name=sweep_id, storage=job.storage,
-                             tracking_uri=job.uri, run_id=run_id)
+                             tracking_uri=job.uri, run_id=run_id, callbacks=[follower.callback()])
     metrics = dict(result.metrics or {})
     trial = {"trial_id": sweep_id, "metrics": metrics, "run_id": run_id, "error": None}
     if result.checkpoint is not None:
