@@ -7,6 +7,10 @@ equal share with `get_dataset_shard(...).iter_torch_batches`.
 Windows are cut on the fly inside `map_batches`:
 - vector: every run of context + 1 consecutive vectors inside one document (stride
   `data.stride`), as x [n, context + 1, D] float32;
+- vector validation: the seed protocol's windows (SEED_CONTEXT + 1 = 6 vectors, or
+  context + 1 when data.context is shorter), the same windows whatever data.context is,
+  and, when data.context > SEED_CONTEXT, a second set "valid_ctx" of context + 1 vectors
+  for the full-context metric (val_cosine_ctx); see `valid_window_lengths`;
 - token: documents of a batch concatenated with a separator between them (packing), cut
   into non-overlapping runs of seq_len + 1 tokens, as x [n, seq_len + 1] int64.
 """
@@ -24,6 +28,29 @@ from archlab.platform.config import ArchlabConfig
 from archlab.platform.shards import DataError, dataset_id, load_manifest, read_shard_meta, split_files
 
 log = logging.getLogger("archlab")
+
+# The seed protocol (seed 001, ../shared/data/README.md): 5 context vectors -> the 6th.
+# Validation keeps it at every data.context so that figures stay comparable.
+SEED_CONTEXT = 5
+
+
+def seed_context(context: int) -> int:
+    """Context vectors of the seed-protocol validation windows for a data.context: 5, or
+    data.context itself when it is shorter (as before longer contexts existed)."""
+    return min(int(context), SEED_CONTEXT)
+
+
+def valid_window_lengths(cfg: ArchlabConfig) -> dict[str, int]:
+    """Validation window sets -> window length. Token: {"valid": seq_len + 1}. Vector:
+    {"valid": seed_context + 1} and, only when data.context > SEED_CONTEXT,
+    {"valid_ctx": context + 1} (at context <= 5 the two would be the same windows, so
+    val_cosine_ctx and baseline.<name>.cosine_ctx are not produced there)."""
+    if cfg.train.task != "vector":
+        return {"valid": cfg.data.seq_len + 1}
+    out = {"valid": seed_context(cfg.data.context) + 1}
+    if cfg.data.context > SEED_CONTEXT:
+        out["valid_ctx"] = cfg.data.context + 1
+    return out
 
 
 @dataclass
@@ -111,7 +138,9 @@ def _validate_rows(cfg: ArchlabConfig, root: Path, dim, vocab) -> dict[str, set[
     """Row-level checks (archlab.platform.validate); returns the readable shards per split."""
     from archlab.platform.validate import validate_dataset
 
-    min_len = cfg.data.context + 1 if cfg.train.task == "vector" else 1
+    # a vector document is bad if it cannot give one seed-protocol window; a shorter one than
+    # data.context + 1 still counts in the seed protocol and gives no full-context window
+    min_len = seed_context(cfg.data.context) + 1 if cfg.train.task == "vector" else 1
     readable = {}
     for split in (cfg.data.train_split, cfg.data.valid_split):
         report = validate_dataset(
@@ -190,37 +219,42 @@ def _row_mask(table, cfg_dict: dict, info_dim, info_vocab):
         rows = np.empty(len(arr), dtype=object)
         for i, r in enumerate(arr.to_numpy(zero_copy_only=False)):
             rows[i] = np.asarray(r)
-    min_len = cfg_dict["data"]["context"] + 1 if kind == "vector" else 1
+    min_len = seed_context(cfg_dict["data"]["context"]) + 1 if kind == "vector" else 1
     return check_rows({col: rows}, kind=kind, dim=info_dim, vocab_size=info_vocab, min_len=min_len)
 
 
 class WindowCutter:
-    """Callable for map_batches(batch_format="pyarrow")."""
+    """Callable for map_batches(batch_format="pyarrow"). `length`: the vector window length
+    (default data.context + 1; validation passes valid_window_lengths' values)."""
 
-    def __init__(self, cfg_dict: dict, dim: int | None, vocab: int | None, separator: int, stride: int):
+    def __init__(self, cfg_dict: dict, dim: int | None, vocab: int | None, separator: int, stride: int,
+                 length: int | None = None):
         self.cfg = cfg_dict
         self.dim, self.vocab, self.sep, self.stride = dim, vocab, separator, stride
+        self.length = length
 
     def __call__(self, table):
         mask = _row_mask(table, self.cfg, self.dim, self.vocab)
         if self.cfg["train"]["task"] == "vector":
-            length = self.cfg["data"]["context"] + 1
+            length = self.length or self.cfg["data"]["context"] + 1
             return vector_windows(table, dim=self.dim, length=length, stride=self.stride, row_mask=mask)
         length = self.cfg["data"]["seq_len"] + 1
         return token_windows(table, length=length, separator=self.sep, row_mask=mask)
 
 
 def make_ray_datasets(cfg: ArchlabConfig, info: DatasetInfo) -> dict[str, Any]:
-    """{"train": streaming windows, "valid": windows materialised once (cached)}."""
+    """{"train": streaming windows, "valid": seed-protocol windows materialised once
+    (cached), and for a vector data.context > 5 "valid_ctx": full-context windows, also
+    materialised} (valid_window_lengths)."""
     import ray.data
 
     cfg_dict = cfg.to_dict()
     col = "vectors" if info.kind == "vector" else "tokens"
 
-    def windows(files: list[str], stride: int):
+    def windows(files: list[str], stride: int, length: int | None = None):
         ds = ray.data.read_parquet(files).select_columns([col])
         return ds.map_batches(
-            WindowCutter(cfg_dict, info.dim, info.vocab_size, info.separator, stride),
+            WindowCutter(cfg_dict, info.dim, info.vocab_size, info.separator, stride, length),
             batch_format="pyarrow",
             batch_size=64,  # documents per task batch
         )
@@ -235,18 +269,19 @@ def make_ray_datasets(cfg: ArchlabConfig, info: DatasetInfo) -> dict[str, Any]:
         train = train.materialize()
     # block order shuffled per execution (each epoch), then a bounded local shuffle per worker
     train = train.randomize_block_order(seed=cfg.train.seed)
-    valid = windows(info.files[cfg.data.valid_split], 1)
-    if cfg.data.max_valid_windows:
-        valid = valid.limit(cfg.data.max_valid_windows)
-    # The validation windows are read once on the driver side and kept in the object
-    # store: every epoch's evaluation iterates the cached blocks, not the files.
-    valid = valid.materialize()
-    if valid.count() == 0:
-        raise DataError(
-            f"{info.root}: split {cfg.data.valid_split!r} yields no windows of "
-            f"{cfg.data.context + 1 if info.kind == 'vector' else cfg.data.seq_len + 1} items"
-        )
-    return {"train": train, "valid": valid}
+    out = {"train": train}
+    for name, length in valid_window_lengths(cfg).items():
+        valid = windows(info.files[cfg.data.valid_split], 1, length)
+        if cfg.data.max_valid_windows:
+            valid = valid.limit(cfg.data.max_valid_windows)
+        # The validation windows are read once on the driver side and kept in the object
+        # store: every epoch's evaluation iterates the cached blocks, not the files.
+        valid = valid.materialize()
+        if valid.count() == 0:
+            raise DataError(f"{info.root}: split {cfg.data.valid_split!r} yields no windows of {length} items"
+                            + (" (data.context + 1)" if name == "valid_ctx" else ""))
+        out[name] = valid
+    return out
 
 
 def train_windows_bytes(cfg: ArchlabConfig, info: DatasetInfo) -> int:
@@ -269,9 +304,26 @@ def train_window_count(cfg: ArchlabConfig, info: DatasetInfo) -> int:
     shards = info.manifest.get("splits", {}).get(cfg.data.train_split, [])
     items = sum(int(s.get("items", 0)) for s in shards)
     docs = sum(int(s.get("rows", 0)) for s in shards)
+    if info.kind == "vector" and cfg.data.context > SEED_CONTEXT:
+        # validation only asks a document for seed_context + 1 vectors, so some may be
+        # shorter than context + 1 (they give no train window): count from the lengths
+        lengths = _doc_lengths(info.files[cfg.data.train_split])
+        return int(sum(max(0, n - cfg.data.context - 1) // cfg.data.stride + (n > cfg.data.context)
+                       for n in lengths))
     if info.kind == "vector":
         return max(0, items - docs * cfg.data.context) // cfg.data.stride
     return (items + docs) // (cfg.data.seq_len + 1)
+
+
+def _doc_lengths(files: list[str]) -> list[int]:
+    """Vectors per document of vector shards (reads the list offsets of the column)."""
+    import pyarrow.parquet as pq
+
+    out: list[int] = []
+    for f in files:
+        offsets = pq.read_table(f, columns=["vectors"]).column("vectors").combine_chunks().offsets.to_numpy()
+        out.extend(int(n) for n in np.diff(offsets))
+    return out
 
 
 def caches_train(cfg: ArchlabConfig, info: DatasetInfo) -> bool:

@@ -34,12 +34,13 @@ class Job:
     cfg: ArchlabConfig
     info: DatasetInfo
     datasets: dict[str, Any]
-    valid_windows: np.ndarray
+    valid_windows: np.ndarray  # the seed protocol's windows (data.valid_window_lengths)
     baselines: dict[str, dict[str, float]]
     uri: str
     storage: str
     experiment_id: str
     data_info: dict[str, Any] = field(default_factory=dict)
+    ctx_windows: np.ndarray | None = None  # full-context windows, for a vector data.context > 5
 
 
 def check_archs(cfg: ArchlabConfig, archs: list[str], smoke: bool) -> None:
@@ -116,26 +117,38 @@ def prepare_job(cfg: ArchlabConfig) -> Job:
     init_ray(cfg)
     datasets = make_ray_datasets(cfg, info)
     windows = materialized_windows(datasets["valid"])
-    baselines = compute_baselines(cfg, info, windows)
+    ctx_windows = materialized_windows(datasets["valid_ctx"]) if "valid_ctx" in datasets else None
+    baselines = compute_baselines(cfg, info, windows, ctx_windows)
     c = tracking.client(uri)
     exp_id = tracking.experiment_id(c, cfg.tracking.experiment or cfg.sweep.name)
     data_info = {
         "dim": info.dim, "vocab_size": info.vocab_size, "dataset_id": info.dataset_id,
         "dataset_name": info.name, "tokens_per_byte": info.tokens_per_byte,
-        "train_windows": n_windows,
+        "train_windows": n_windows, "valid_ctx": ctx_windows is not None,
     }
-    return Job(cfg, info, datasets, windows, baselines, uri, storage, exp_id, data_info)
+    return Job(cfg, info, datasets, windows, baselines, uri, storage, exp_id, data_info, ctx_windows)
 
 
-def compute_baselines(cfg: ArchlabConfig, info: DatasetInfo, windows: np.ndarray) -> dict[str, dict[str, float]]:
-    """Baselines on exactly the validation windows the workers evaluate."""
+def compute_baselines(cfg: ArchlabConfig, info: DatasetInfo, windows: np.ndarray,
+                      ctx_windows: np.ndarray | None = None) -> dict[str, dict[str, float]]:
+    """Baselines on exactly the validation windows the workers evaluate. Vector: on the
+    seed-protocol windows under the usual names ("cosine", "mse", ...), and with
+    `ctx_windows` (data.context > 5) on those too, as "<metric>_ctx" ("cosine_ctx", ...:
+    logged as baseline.<name>.cosine_ctx)."""
     if info.kind == "vector":
         from archlab.platform.baselines import evaluate_baselines
         from archlab.platform.data import read_vector_docs
 
         train_docs = read_vector_docs(info.files[cfg.data.train_split], info.dim)
-        # each window is one "document" of context + 1 vectors: one window per document
-        return evaluate_baselines(train_docs, list(windows), context=cfg.data.context, seed=cfg.train.seed)
+        # each window is one "document" of L vectors: one window per document, whose first
+        # L - 1 vectors are the context
+        out = evaluate_baselines(train_docs, list(windows), context=windows.shape[1] - 1, seed=cfg.train.seed)
+        if ctx_windows is not None:
+            full = evaluate_baselines(train_docs, list(ctx_windows), context=ctx_windows.shape[1] - 1,
+                                      seed=cfg.train.seed)
+            for name, m in full.items():
+                out[name].update({f"{k}_ctx": v for k, v in m.items()})
+        return out
     # token task: unigram (train frequencies) and uniform next-token losses
     import pyarrow.parquet as pq
 

@@ -165,6 +165,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
 
     train_shard = ray.train.get_dataset_shard("train")
     valid_shard = ray.train.get_dataset_shard("valid")
+    # the full-context windows, given for a vector data.context > 5 (data.valid_window_lengths)
+    valid_ctx_shard = ray.train.get_dataset_shard("valid_ctx") if data_info.get("valid_ctx") else None
     try:
         for epoch in range(trainer.epoch, cfg.train.epochs):
             if cfg.train.fail_once_at_epoch == epoch and not restored:
@@ -177,8 +179,11 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
                 drop_last=True,  # equal shards + equal batch counts: no DDP collective waits forever
                 prefetch_batches=2,  # keep windows ready while the step computes
             )
-            metrics = trainer.train_epoch(batches, valid_shard.iter_torch_batches(batch_size=256),
-                                          on_step=after_step if every or fail_at >= 0 else None)
+            metrics = trainer.train_epoch(
+                batches, valid_shard.iter_torch_batches(batch_size=256),
+                on_step=after_step if every or fail_at >= 0 else None,
+                valid_ctx_batches=valid_ctx_shard.iter_torch_batches(batch_size=256) if valid_ctx_shard else None,
+            )
             if buffer is not None:
                 buffer.log_metrics(metrics, step=epoch + 1)
                 # Tune may stop the trial at this report (ASHA: at once at max_t), so the last

@@ -311,14 +311,16 @@ class Trainer:
     # ---- one epoch ----
 
     def train_epoch(self, batches: Iterable, valid_batches: Iterable | None = None,
-                    on_step: Callable[["Trainer"], None] | None = None) -> dict[str, float]:
+                    on_step: Callable[["Trainer"], None] | None = None,
+                    valid_ctx_batches: Iterable | None = None) -> dict[str, float]:
         """One pass over `batches` (at most train.max_steps_per_epoch optimizer steps).
 
         A Trainer restored mid-epoch first skips the batches that epoch already trained on
         (`batches_in_epoch`): given the same batch order, the resumed run sees exactly the
         batches the uninterrupted one would have. `on_step(trainer)` runs after every
         optimizer step (the worker's mid-epoch checkpoints); its time is not training time.
-        With `valid_batches`, evaluates at the end and moves the plateau schedule.
+        With `valid_batches` (and `valid_ctx_batches`, see evaluate), evaluates at the end
+        and moves the plateau schedule.
         Returns the epoch's metrics, summed over workers."""
         self._train_mode()
         it = iter(batches)
@@ -347,7 +349,7 @@ class Trainer:
         self.check_finite()
         metrics = self._finish_epoch()
         if valid_batches is not None:
-            metrics.update(self.evaluate(valid_batches))
+            metrics.update(self.evaluate(valid_batches, valid_ctx_batches))
             self.schedule.on_epoch_end(metrics["val_loss"])
         return metrics
 
@@ -401,20 +403,26 @@ class Trainer:
     # ---- evaluation ----
 
     @torch.no_grad()
-    def evaluate(self, batches: Iterable) -> dict[str, float]:
+    def evaluate(self, batches: Iterable, ctx_batches: Iterable | None = None) -> dict[str, float]:
         """Metrics over this worker's validation batches, summed over workers. Vector:
-        val_loss, val_cosine (every position), and the seed protocol (the full context ->
-        the next vector: val_cosine_seed, val_mse_seed, val_frac_cos_gt_<thr>_seed,
-        val_windows). Token: val_loss, val_ppl, val_bpb, val_tokens."""
+        val_loss, val_cosine (every position), and the seed protocol (the last position of
+        the seed windows, 5 context vectors -> the 6th: val_cosine_seed, val_mse_seed,
+        val_frac_cos_gt_<thr>_seed, val_windows). With `ctx_batches` (the full-context
+        windows of data.context + 1, given when data.context > 5): val_loss and val_cosine
+        are measured on those (the windows the model trains on), and their last position
+        gives val_cosine_ctx, val_mse_ctx, val_frac_cos_gt_<thr>_ctx, val_windows_ctx.
+        Token: val_loss, val_ppl, val_bpb, val_tokens."""
         with self.eval_weights() as model:
             if self.task == "vector":
-                return self._evaluate_vector(model, batches)
+                return self._evaluate_vector(model, batches, ctx_batches)
             return self._evaluate_token(model, batches)
 
-    def _evaluate_vector(self, model, batches) -> dict[str, float]:
+    def _vector_sums(self, model, batches, prefix: str) -> dict[str, float]:
+        """Sums for every position ("<prefix>every.*"), the last position ("<prefix>last.*")
+        and the loss over `batches` of windows x [B, L, D]."""
         from archlab.platform.metrics import VectorMetrics
 
-        every, seed = VectorMetrics(), VectorMetrics()
+        every, last = VectorMetrics(), VectorMetrics()
         loss_sum, n = 0.0, 0
         for batch in batches:
             x = self._x(batch).to(self.device)
@@ -424,19 +432,37 @@ class Trainer:
             target = x[:, 1:]
             d = pred.shape[-1]
             every.update(pred.reshape(-1, d), target.reshape(-1, d))
-            # the seed protocol: the full context of `context` vectors -> the next one
-            seed.update(pred[:, -1], target[:, -1])
+            # the window's whole context -> the next vector
+            last.update(pred[:, -1], target[:, -1])
             loss_sum += float(self.loss_fn(pred.reshape(-1, d), target.reshape(-1, d))) * x.shape[0]
             n += x.shape[0]
-        sums = {f"every.{k}": v for k, v in every.sums().items()}
-        sums.update({f"seed.{k}": v for k, v in seed.sums().items()})
-        sums["loss_sum"], sums["loss_n"] = loss_sum, float(n)
+        sums = {f"{prefix}every.{k}": v for k, v in every.sums().items()}
+        sums.update({f"{prefix}last.{k}": v for k, v in last.sums().items()})
+        sums[f"{prefix}loss_sum"], sums[f"{prefix}loss_n"] = loss_sum, float(n)
+        return sums
+
+    def _evaluate_vector(self, model, batches, ctx_batches=None) -> dict[str, float]:
+        from archlab.platform.metrics import VectorMetrics
+
+        sums = self._vector_sums(model, batches, "seed.")
+        if ctx_batches is not None:
+            sums.update(self._vector_sums(model, ctx_batches, "ctx."))
         sums = all_reduce_sums(sums, self.device)
-        ev = VectorMetrics.finalize({k[6:]: v for k, v in sums.items() if k.startswith("every.")})
-        sd = VectorMetrics.finalize({k[5:]: v for k, v in sums.items() if k.startswith("seed.")})
-        out = {"val_loss": sums["loss_sum"] / max(sums["loss_n"], 1.0), "val_cosine": ev["cosine"]}
-        out.update({"val_cosine_seed": sd["cosine"], "val_mse_seed": sd["mse"], "val_windows": sums["seed.n"]})
+
+        def part(prefix: str) -> dict[str, float]:
+            return VectorMetrics.finalize({k[len(prefix):]: v for k, v in sums.items() if k.startswith(prefix)})
+
+        # val_loss / val_cosine: on the windows the model trains on (context + 1 vectors)
+        full = "ctx." if ctx_batches is not None else "seed."
+        ev = part(full + "every.")
+        out = {"val_loss": sums[full + "loss_sum"] / max(sums[full + "loss_n"], 1.0), "val_cosine": ev["cosine"]}
+        sd = part("seed.last.")
+        out.update({"val_cosine_seed": sd["cosine"], "val_mse_seed": sd["mse"], "val_windows": sums["seed.last.n"]})
         out.update({f"val_{k}_seed": v for k, v in sd.items() if k.startswith("frac_")})
+        if ctx_batches is not None:
+            cx = part("ctx.last.")
+            out.update({"val_cosine_ctx": cx["cosine"], "val_mse_ctx": cx["mse"], "val_windows_ctx": sums["ctx.last.n"]})
+            out.update({f"val_{k}_ctx": v for k, v in cx.items() if k.startswith("frac_")})
         return out
 
     def _evaluate_token(self, model, batches) -> dict[str, float]:
