@@ -78,6 +78,6 @@ def test_demo_smoke_leaves_a_champion_in_the_store_it_is_given(tmp_path):
     from archlab.platform.tracking import list_models
 
     models = list_models(f"sqlite:///{tmp_path}/m.db", "archlab-vector")
-    assert {m["name"] for m in models} == {"archlab-vector-lstm", "archlab-vector-transformer"}
+    assert {m["name"] for m in models} == {"archlab-vector-lstm", "archlab-vector-transformer", "archlab-vector-amn"}
     assert all(any("champion" in m["aliases"] for m in models if m["name"] == n) for n in {m["name"] for m in models})
     assert (tmp_path / "archlab_runs").is_dir() and not (tmp_path / "mlflow.db").exists()
