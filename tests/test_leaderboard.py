@@ -186,3 +186,26 @@ def test_cli_prints_the_board_in_each_format(store):
     assert json.loads(out.output)["best_baseline"] == "linear_average"
     bad = runner.invoke(app, base + ["--format", "html"])
     assert bad.exit_code == 2 and "--format must be" in bad.output
+
+
+def test_token_task_lower_is_better(tmp_path):
+    uri = f"sqlite:///{tmp_path}/m.db"
+    c = tracking.client(uri)
+    exp = tracking.experiment_id(c, "tok")
+    parent = tracking.parent_run(c, exp, "tok-1", load_config(None, ["train.task=token"]).to_dict())
+    tracking.log_metrics(c, parent, {"baseline.unigram.val_loss": 3.0, "baseline.unigram.val_bpb": 4.3,
+                                     "baseline.uniform.val_loss": 5.5})
+    losses = {"lstm": [2.50, 2.52, 2.49], "transformer": [2.61, 2.60, 2.63]}
+    for arch, vals in losses.items():
+        for seed, v in enumerate(vals):
+            run = tracking.child_run(c, exp, parent, "tok-1", f"{arch}-{seed}", arch, {"train": {"lr": 1e-3}})
+            c.set_tag(run, lb.TAG_STAGE, "confirm")
+            c.set_tag(run, lb.TAG_CONFIRM_SEED, str(seed))
+            tracking.log_metrics(c, run, {"val_loss": v, "val_bpb": v / math.log(2), "val_ppl": math.exp(v)})
+    board = lb.leaderboard(uri, exp, parent, "val_loss", "min")
+    assert [r["entry"] for r in board["rows"]] == ["lstm", "transformer", "unigram", "uniform"]
+    rows = {r["entry"]: r for r in board["rows"]}
+    assert board["best_baseline"] == "unigram" and rows["unigram"]["val_bpb"] == 4.3
+    assert rows["lstm"]["vs_base"] == "better" and rows["transformer"]["vs_base"] == "better"
+    assert rows["transformer"]["vs_ref"] == "worse"  # higher loss than lstm on every seed
+    assert rows["lstm"]["val_loss"] == pytest.approx(np.mean(losses["lstm"]))

@@ -203,9 +203,11 @@ def plot_slices(runs: list, arch: str, metric: str, settings: dict, path: Path) 
     return _save(fig, path)
 
 
-def importances(study, archs: list[str]) -> dict[str, dict[str, float]]:
+def importances(study, archs: list[str], skipped: dict[str, str] | None = None) -> dict[str, dict[str, float]]:
     """fANOVA importances per architecture over its own completed trials (the space is
-    conditional on the arch: each arch's parameters exist only in its trials)."""
+    conditional on the arch: each arch's parameters exist only in its trials). Archs
+    without importances get their reason in `skipped`."""
+    skipped = {} if skipped is None else skipped
     import optuna
     from optuna.importance import FanovaImportanceEvaluator, get_param_importances
 
@@ -217,10 +219,12 @@ def importances(study, archs: list[str]) -> dict[str, dict[str, float]]:
         sub.add_trials(trials)
         params = sorted({p for t in trials for p in t.params if p != "arch"})
         if len(trials) < 2 or not params:
+            skipped[arch] = f"{len(trials)} completed trial(s), {len(params)} parameter(s)"
             continue
         try:
             imp = get_param_importances(sub, evaluator=FanovaImportanceEvaluator(seed=0), params=params)
-        except (RuntimeError, ValueError, ImportError):  # e.g. a parameter that never varied
+        except Exception as e:  # e.g. a parameter that never varied; the rest of the report stands
+            skipped[arch] = f"{type(e).__name__}: {e}"
             continue
         out[arch] = {k[len(arch) + 1:] if k.startswith(arch + ".") else k: float(v) for k, v in imp.items()}
     return out
@@ -302,12 +306,13 @@ def make_report(uri: str, experiment: str, out: str | Path, sweep_id: str | None
 
         if journal is None:
             raise FileNotFoundError("the sweep's storage is not a file system: no journal")
-        imp = importances(load_study(journal, board.get("sweep_id")), sorted(_arch_runs(runs)))
+        skipped: dict[str, str] = {}
+        imp = importances(load_study(journal, board.get("sweep_id")), sorted(_arch_runs(runs)), skipped)
         p = plot_importances(imp, out / "importances.png")
         if p is not None:
             figs.append((p, "Optuna parameter importances (fANOVA) per architecture"))
-        else:
-            note = "Parameter importances: too few completed trials per architecture."
+        if skipped:
+            note = "No parameter importances for " + "; ".join(f"{a} ({why})" for a, why in sorted(skipped.items()))
     except (FileNotFoundError, KeyError) as e:
         note = f"Parameter importances: {e}"
     title = f"archlab sweep {board.get('sweep_id') or ''}"
