@@ -26,7 +26,6 @@ NAME = "archlab-vector-amn"
 def _train_amn(sample_dataset, steps: int = 40):
     """AMN debug trained for a few steps on the sample's train windows (plain loop, MSE)."""
     from archlab.platform.config import load_config
-    from archlab.platform.data import read_vector_docs
     from archlab.platform.losses import make_loss
     from archlab.platform.train import build_from_spec, model_spec
 
@@ -34,8 +33,7 @@ def _train_amn(sample_dataset, steps: int = 40):
     spec = model_spec(cfg, {"dim": 384, "dataset_id": "2e576f95bab2c034"})
     torch.manual_seed(0)
     model = build_from_spec(spec)
-    docs = read_vector_docs([str(sample_dataset / "train" / "part-00000.parquet")], 384)
-    x = torch.as_tensor(E.vector_windows_seed(docs))  # (N, 6, 384)
+    x = torch.as_tensor(E.seed_windows([str(sample_dataset / "train" / "part-00000.parquet")], 384))  # (N, 6, 384)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     loss_fn = make_loss("mse")
     g = torch.Generator().manual_seed(0)
@@ -92,7 +90,10 @@ def test_evaluate_scores_the_model_next_to_every_baseline_with_a_paired_ci(regis
     # the paired CI against the best baseline, recomputed independently on the same windows
     best = max(want, key=lambda n: want[n]["cosine"])
     assert rep["best_baseline"] == best
-    ours = window_scores(model, E.vector_windows_seed(valid), "vector")
+    windows = E.seed_windows([str(sample_dataset / "valid" / "part-00000.parquet")], 384)
+    # the same windows as the seed protocol's own definition, in the baselines' order
+    np.testing.assert_array_equal(windows[:, -1], np.concatenate([d[5:] for d in valid if len(d) > 5]))
+    ours = window_scores(model, windows, "vector")
     ref = paired(ours, baseline_window_scores(train, valid, context=5, seed=0)[best])
     b = rep["vs_best"]
     assert b["diff"] == pytest.approx(m["cosine_seed"] - want[best]["cosine"], abs=1e-6)
@@ -147,6 +148,7 @@ def _forbid_loading(monkeypatch):
     monkeypatch.setattr(validate_mod, "validate_dataset", boom)
     monkeypatch.setattr(modelstore, "load_model", boom)
     monkeypatch.setattr(E, "token_windows_split", boom)
+    monkeypatch.setattr(E, "seed_windows", boom)
 
 
 def test_a_split_whose_dim_does_not_match_is_refused_before_loading_data(registered, sample_dataset, tmp_path, monkeypatch):

@@ -89,14 +89,21 @@ def check_split(spec: dict[str, Any], manifest: dict[str, Any], root: Path, spli
 
 
 # ------------------------------------------------------------------ windows
-def vector_windows_seed(docs: list[np.ndarray], context: int = SEED_CONTEXT) -> np.ndarray:
-    """Every window of context + 1 consecutive vectors inside one document, documents in
-    order, starts in order: [N, context + 1, D] (the order baseline_window_scores uses)."""
-    parts = [np.lib.stride_tricks.sliding_window_view(d, context + 1, axis=0).transpose(0, 2, 1)
-             for d in docs if len(d) > context]
-    if not parts:
-        raise DataError(f"no document has more than {context} vectors: no seed-protocol windows")
-    return np.ascontiguousarray(np.concatenate(parts)).astype(np.float32, copy=False)
+def seed_windows(files: list[str], dim: int, context: int = SEED_CONTEXT) -> np.ndarray:
+    """The seed protocol's windows [N, context + 1, D] float32, cut by the training's own
+    cutter (data.vector_windows, stride 1): every run of context + 1 consecutive vectors
+    inside one document, documents and starts in order, the order baseline_window_scores
+    scores them in."""
+    import pyarrow.parquet as pq
+
+    from archlab.platform.data import vector_windows
+
+    parts = [vector_windows(pq.read_table(f, columns=["vectors"]), dim=dim, length=context + 1)["x"] for f in files]
+    x = np.concatenate(parts) if parts else np.zeros((0, context + 1, dim), np.float32)
+    if not len(x):
+        raise DataError(f"{files[0] if files else '?'}: no document has more than {context} vectors: "
+                        "no seed-protocol windows")
+    return x
 
 
 def token_windows_split(files: list[str], seq_len: int, separator: int) -> np.ndarray:
@@ -194,7 +201,7 @@ def evaluate(model: str, data: str | Path, split: str, *, tracking_uri: str, tra
     if task == "vector":
         eval_docs = read_vector_docs(files, dim)
         train_docs = read_vector_docs(split_files(root, manifest, train_split), dim)
-        windows = vector_windows_seed(eval_docs)
+        windows = seed_windows(files, dim)
         scores, metrics, base_scores, baselines = _vector_scores(net, windows, train_docs, eval_docs, seed)
         metric, mode = "cosine_seed", "max"
     else:
@@ -316,7 +323,6 @@ def predict_summary(model: str, data: str | Path | None, split: str, tracking_ur
     import torch
 
     from archlab.platform import modelstore
-    from archlab.platform.data import read_vector_docs
 
     target = resolve_model(model, tracking_uri)
     spec = target["spec"]
@@ -326,7 +332,7 @@ def predict_summary(model: str, data: str | Path | None, split: str, tracking_ur
     files = split_files(root, manifest, split)
     net = modelstore.load_model(model, tracking_uri)
     if spec["task"] == "vector":
-        x = torch.as_tensor(vector_windows_seed(read_vector_docs(files, manifest["dim"])))
+        x = torch.as_tensor(seed_windows(files, manifest["dim"]))
         with torch.no_grad():
             pred = net(x[:, :-1])[:, -1]
         cos = torch.nn.functional.cosine_similarity(pred, x[:, -1], dim=-1).mean()
