@@ -331,3 +331,55 @@ def test_driver_sigkill_then_resume_keeps_every_model_and_version_and_leaves_no_
     assert sorted(v["name"] for v in versions) == ["archlab-vector-lstm", "archlab-vector-transformer"]
     assert {v["run_id"] for v in versions} == {x.info.run_id for x in children}
     assert all("champion" in v["aliases"] for v in versions)
+
+
+@pytest.mark.slow
+def test_failed_train_leaves_no_running_run_and_names_the_reason(ray_local, tmp_path, sample_dataset):
+    from archlab.platform.failures import TrialFailed
+    from archlab.platform.sweep import run_train
+
+    uri = f"sqlite:///{tmp_path}/m.db"
+    cfg = load_config(None, [
+        f"data.path={sample_dataset}", f"tracking.uri={uri}", f"sweep.storage_path={tmp_path / 'runs'}",
+        "model.arch=lstm", "train.num_workers=1", "train.max_failures=2", "train.inject_nan_at_step=3",
+    ], smoke_test=True)
+    with pytest.raises(TrialFailed, match=r"^FloatingPointError: non-finite training loss nan at epoch 0, step 3"):
+        run_train(cfg)
+    c = tracking.client(uri)
+    runs = _runs(c, c.get_experiment_by_name("archlab").experiment_id)
+    assert len(runs) == 2 and {r.info.status for r in runs} == {"FAILED"}
+    for r in runs:
+        assert "non-finite training loss" in r.data.tags[tracking.TAG_ERROR]
+
+
+@pytest.mark.slow
+def test_sigterm_ends_the_runs_killed_exits_130_and_leaves_no_orphans(tmp_path, sample_dataset):
+    ray_tmp = _short_tmp()
+    uri = f"sqlite:///{tmp_path}/m.db"
+    log = open(tmp_path / "train.log", "w")
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "archlab.cli", "train", "--smoke-test", "--set", f"data.path={sample_dataset}",
+         "--set", f"tracking.uri={uri}", "--set", f"sweep.storage_path={tmp_path / 'runs'}",
+         "--set", "train.num_workers=1", "--set", "train.epochs=200", "--set", "ray.num_cpus=4"],
+        cwd=tmp_path, env=_env(RAY_TMPDIR=str(ray_tmp)), stdout=log, stderr=subprocess.STDOUT)
+    ckpts = tmp_path / "runs" / "train-lstm-1"
+    deadline = time.time() + 600
+    while time.time() < deadline and driver.poll() is None and not list(ckpts.glob("checkpoint_*/metrics.json")):
+        time.sleep(0.5)
+    assert driver.poll() is None, (tmp_path / "train.log").read_text()[-3000:]
+    owner = next(json.loads(f.read_text())["owner"] for f in (ray_tmp / "archlab-ray-owners").glob("*.json")
+                 if json.loads(f.read_text())["driver_pid"] == driver.pid)
+    t0 = time.perf_counter()
+    driver.send_signal(signal.SIGTERM)
+    rc = driver.wait(timeout=120)
+    t_exit = time.perf_counter() - t0
+    out = (tmp_path / "train.log").read_text()
+    assert rc == 130, out[-3000:]
+    assert out.rstrip().splitlines()[-1].startswith("stopped: interrupted by SIGTERM"), out[-3000:]
+    c = tracking.client(uri)
+    runs = _runs(c, c.get_experiment_by_name("archlab").experiment_id)
+    assert len(runs) == 2 and {r.info.status for r in runs} == {"KILLED"}
+    while orphans.marked_pids(owner) and time.perf_counter() - t0 < 90:
+        time.sleep(0.5)
+    assert not orphans.marked_pids(owner)
+    print(f"FIGURE SIGTERM: exit 130 after {t_exit:.1f} s, runs KILLED, Ray gone {time.perf_counter() - t0:.1f} s")
