@@ -91,6 +91,7 @@ def test_probe_config_sets_the_width_generically():
     assert over["max_len"] == 600
 
 
+@pytest.mark.slow  # ~80 s under today's load: 8 tiny trainings + MLflow
 def test_probe_job_tracked_in_mlflow_and_printed_within_100_columns(tmp_path):
     from typer.testing import CliRunner
 
