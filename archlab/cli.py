@@ -269,45 +269,6 @@ def probe(
 
 
 @app.command()
-def probe(
-    archs: str = typer.Option(..., "--archs", help="Comma-separated architectures, e.g. transformer,mamba2,lstm."),
-    preset: str = typer.Option("lite", "--preset", help="lite (minutes on CPU) | full (zoology-like grid, GPU)."),
-    tasks: Optional[str] = typer.Option(None, "--tasks", help="Comma-separated subset: mqar,copy,selective_copy,vector_mqar."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps per (cell, lr), replacing the preset's."),
-    seed: int = typer.Option(0, "--seed"),
-    experiment: str = typer.Option("archlab-probe", "--experiment", "-e", help="MLflow experiment."),
-    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="Default: $MLFLOW_TRACKING_URI or ./mlflow.db"),
-) -> None:
-    """Capability probes (copy, selective copy, MQAR, vector MQAR): accuracy per arch and cell."""
-    _setup_logging()
-    from archlab.platform.config import load_config
-    from archlab.platform.probe import run_probe, table_lines
-    from archlab.platform.runtime import tracking_uri as resolve
-
-    uri = resolve(load_config(None, [f"tracking.uri={tracking_uri}"] if tracking_uri else []))
-    names = [a.strip() for a in archs.split(",") if a.strip()]
-    wanted = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
-
-    def progress(row: dict) -> None:
-        acc = f"{row['accuracy']:.3f} (lr {row['best_lr']:g})" if "accuracy" in row else row.get("error", "")
-        print(f"{row['arch']:<12} {row['task']} {row['cell']}: {acc}", flush=True)
-
-    try:
-        result = run_probe(names, preset, tasks=wanted, tracking_uri=uri, experiment=experiment, seed=seed,
-                           steps=steps, on_row=progress)
-    except (ValueError, KeyError) as e:
-        _fail(e)
-    print(f"probe {result.probe_id}: preset {result.preset}, best of lrs per cell")
-    print("accuracy at the scored positions (vector: nearest-value retrieval)")
-    print("state = recurrent state bytes at batch 1 (fp32); kv/tok = cache bytes per token")
-    for line in table_lines(result):
-        print(line)
-    print("widths: " + "; ".join(f"{a}: {', '.join(f'{k}={v}' for k, v in o.items())}"
-                                 for a, o in result.widths.items()))
-    _where({"tracking_uri": uri})
-
-
-@app.command()
 def models(
     tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri"),
     prefix: str = typer.Option("archlab", "--prefix"),
