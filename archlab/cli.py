@@ -153,10 +153,13 @@ def sweep(
     _setup_logging(verbose)
     from archlab.platform.leaderboard import render
 
+    loaded = {}
+
     def job():
         from archlab.platform.sweep import run_sweep
 
-        return run_sweep(_load(config, set_, smoke_test), resume=resume, verbose=verbose)
+        loaded["cfg"] = _load(config, set_, smoke_test)
+        return run_sweep(loaded["cfg"], resume=resume, verbose=verbose)
 
     result = _run_job(job)
     render(result["leaderboard"])
@@ -171,7 +174,11 @@ def sweep(
         raise typer.Exit(1)
     from archlab.platform.report import sweep_report
 
-    print(f"report: {sweep_report(cfg, result).resolve()}")
+    try:
+        print(f"report: {sweep_report(loaded['cfg'], result).resolve()}")
+    except Exception as e:  # the sweep and its records are complete; only the page is missing
+        print(f"report: not written ({type(e).__name__}: {_one_line(e)}); "
+              f"try `archlab report -e {loaded['cfg'].tracking.experiment or loaded['cfg'].sweep.name}`")
 
 
 @app.command()
