@@ -421,7 +421,9 @@ def test_worker_sigkill_mid_epoch_loses_at_most_the_checkpoint_interval(ray_loca
     while time.time() < deadline and not any(s["epoch"] == 0 and s["step"] >= 2 * every for s in checkpoints()):
         assert job.is_alive(), "the run ended before the worker could be killed"
         time.sleep(0.2)
-    workers = [a for a in list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])]
+    # this session's own Ray (by its GCS address: others may run on the machine)
+    workers = list_actors(address=ray_local.get_runtime_context().gcs_address,
+                          filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
     assert len(workers) == 1, workers
     os.kill(workers[0].pid, signal.SIGKILL)
     t_kill = time.time()
