@@ -36,7 +36,7 @@ from archlab.platform.stats import WINDOW_METRICS
 
 COLUMNS = {
     "vector": ["val_cosine_seed", "val_cosine", "val_mse_seed", "val_frac_cos_gt_0.5_seed",
-               "retrieval_acc", "samples_per_s", "train_time_s", "latency_ms"],
+               "retrieval_acc", "val_pred_self_cos", "samples_per_s", "train_time_s", "latency_ms"],
     "token": ["val_loss", "val_bpb", "val_ppl", "samples_per_s", "train_time_s", "latency_ms"],
 }
 TAG_STAGE, TAG_CONFIRM_SEED, TAG_CONFIG_HASH = "stage", "confirm_seed", "config_hash"
