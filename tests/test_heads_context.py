@@ -143,9 +143,8 @@ def test_train_at_context_64_with_the_residual_head(ray_local, tmp_path, sample_
     row = next(r for r in result["leaderboard"]["rows"] if r["entry"] == "gru_stack")
     # 12 steps from the linear average: far from one vector for every context
     assert row["collapsed"] is False and row["val_pred_self_cos"] == run.data.metrics["val_pred_self_cos"]
-    # the registered (pickled) model is the residual one, over the 64-vector context
-    import mlflow.pytorch
+    # the registered model (weights + spec) is rebuilt as the residual one, over the 64-vector context
+    from archlab.platform import modelstore
 
-    mlflow.set_tracking_uri(uri)
-    model = mlflow.pytorch.load_model(f"models:/{result['registry'][0]['name']}/{result['registry'][0]['version']}")
+    model = modelstore.load_model(f"models:/{result['registry'][0]['name']}/{result['registry'][0]['version']}", uri)
     assert (model.head_type, model.context) == ("residual", 64)
