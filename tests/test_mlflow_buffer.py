@@ -164,7 +164,7 @@ def test_real_server_stopped_and_restarted_loses_nothing(tmp_path, monkeypatch):
         )
         if not wait_http(uri + "/health", proc, timeout=300):
             stop_group(proc, timeout=5)
-            pytest.skip(f"mlflow server did not start on port {port}: {(tmp_path / f'server-{i}.log').read_text()[-500:]}")
+            pytest.fail(f"mlflow server did not start on port {port}: {(tmp_path / f'server-{i}.log').read_text()[-500:]}")
         return proc
 
     proc = start(0)
