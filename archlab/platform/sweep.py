@@ -236,10 +236,12 @@ def define_space(trial, archs: list[str], smoke: bool, overrides: dict, task: st
     suggest(trial, arch, load_space(arch, smoke=smoke, overrides=overrides.get(arch), task=task))
 
 
-def latest_checkpoint(train_dir: str | Path) -> tuple[str, dict[str, Any]] | None:
+def latest_checkpoint(train_dir: str | Path, epoch_end: bool = False) -> tuple[str, dict[str, Any]] | None:
     """The Train run's last complete checkpoint (highest epoch in its metrics.json, with
-    the model state and spec beside it) and its metrics, or None."""
-    from archlab.platform.train import SPEC_FILE, STATE_FILE
+    the model state and spec beside it) and its metrics, or None. `epoch_end`: only
+    checkpoints of a finished epoch (with its evaluation), not mid-epoch ones
+    (train.checkpoint_every_steps): a trial's final model is the one its metrics are of."""
+    from archlab.platform.train import MID_EPOCH, SPEC_FILE, STATE_FILE
 
     best = None
     for d in Path(train_dir).glob("checkpoint_*"):
@@ -250,10 +252,31 @@ def latest_checkpoint(train_dir: str | Path) -> tuple[str, dict[str, Any]] | Non
             json.loads((d / SPEC_FILE).read_text())
         except (OSError, ValueError):
             continue
+        if epoch_end and metrics.get(MID_EPOCH):
+            continue
         key = (metrics.get("epoch", 0), d.name)
         if best is None or key > best[0]:
             best = (key, str(d), metrics)
     return None if best is None else (best[1], best[2])
+
+
+def backfill_epoch_metrics(c, run_id: str, ckpt_metrics: dict[str, Any]) -> bool:
+    """Log a checkpoint's epoch metrics (its metrics.json) to the run if the run lacks that
+    epoch: the worker's buffered writes of the epoch Tune stopped the trial at (ASHA) can
+    die with the worker before delivery, but the checkpoint holds them. Returns whether it
+    logged. The run then shows the metrics of the model finalize logs."""
+    from archlab.platform.train import MID_EPOCH
+
+    epoch = ckpt_metrics.get("epoch")
+    if not isinstance(epoch, int) or ckpt_metrics.get(MID_EPOCH):
+        return False
+    if any(m.step == epoch for m in c.get_metric_history(run_id, "epoch")):
+        return False
+    numeric = {k: float(v) for k, v in ckpt_metrics.items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+    tracking.log_metrics(c, run_id, numeric, step=epoch)
+    log.info("run %s: epoch %d metrics logged from its checkpoint (the worker's writes were lost)", run_id, epoch)
+    return True
 
 
 def train_driver_fn(trial_config: dict[str, Any], *, base: dict, ctx: dict, datasets: dict) -> None:
@@ -519,9 +542,11 @@ def _trial_outcome(result, job: Job, parent_id: str) -> dict[str, Any]:
     error = rec.get("error") or (repr(result.error) if result.error else None)
     metrics = dict(result.metrics or {})
     out = {"trial_id": trial_id, "metrics": metrics, "run_id": run_id, "error": error}
-    found = latest_checkpoint(rec["train_dir"]) if rec.get("train_dir") else None
+    found = latest_checkpoint(rec["train_dir"], epoch_end=True) if rec.get("train_dir") else None
     if found is not None:
         ckpt, ckpt_metrics = found
+        if run_id is not None:
+            backfill_epoch_metrics(c, run_id, ckpt_metrics)
         out["metrics"] = {**metrics, **ckpt_metrics, "checkpoint_path": ckpt}
         out["checkpoint"] = ckpt
         out["spec"] = json.loads((Path(ckpt) / "model_spec.json").read_text())
@@ -723,10 +748,11 @@ def _train_one(cfg: ArchlabConfig, job: Job, sweep_id: str, parent_id: str, verb
     except TrialFailed as e:  # terminal: the run is FAILED with its reason, nothing is retried
         tracking.end_run(c, run_id, "FAILED", str(e))
         raise
-    found = latest_checkpoint(Path(job.storage) / sweep_id)
+    found = latest_checkpoint(Path(job.storage) / sweep_id, epoch_end=True)
     metrics = dict(result.metrics or {})
     trial = {"trial_id": sweep_id, "metrics": metrics, "run_id": run_id, "error": None}
     if found is not None:
+        backfill_epoch_metrics(c, run_id, found[1])
         trial["checkpoint"] = found[0]
         trial["metrics"] = metrics = {**metrics, **found[1]}
         trial["spec"] = json.loads(Path(found[0], "model_spec.json").read_text())
