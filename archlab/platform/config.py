@@ -134,6 +134,11 @@ class SweepConfig(_Strict):
     space_overrides: dict[str, dict[str, dict[str, Any]]] = Field(default_factory=dict)
     # the architecture every other one is tested against (leaderboard verdicts); None: archs[0]
     reference_arch: str | None = None
+    # who decides how many search trials each architecture gets. equal: the same number for
+    # every one (num_samples split round-robin, the first num_samples % len(archs) archs get
+    # one more); TPE still samples each architecture's own space. tpe: every architecture
+    # gets one trial, then TPE also chooses the architecture (a weak start can starve one).
+    allocation: Literal["equal", "tpe"] = "equal"
 
     @field_validator("archs")
     @classmethod

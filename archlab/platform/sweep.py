@@ -337,6 +337,36 @@ def _trial_failed(c, record: dict, record_file: Path, metric: str, error: str) -
     tune.report({metric: float("nan"), "archlab_error": error})
 
 
+def allocation_points(cfg: ArchlabConfig) -> list[dict[str, str]]:
+    """The architecture of each search trial fixed in advance (OptunaSearch enqueues them;
+    TPE samples the rest of each trial's parameters). sweep.allocation=equal: every trial,
+    round-robin, so each architecture gets num_samples // len(archs) trials (the first
+    num_samples % len(archs) one more). tpe: one trial per architecture first, then TPE
+    picks the architecture too."""
+    archs, n = list(cfg.sweep.archs), cfg.sweep.num_samples
+    if cfg.sweep.allocation == "equal":
+        return [{"arch": archs[i % len(archs)]} for i in range(n)]
+    return [{"arch": a} for a in archs] if n >= len(archs) else []
+
+
+def make_searcher(cfg: ArchlabConfig, storage=None, study_name: str | None = None):
+    """The search stage's OptunaSearch: TPE over each architecture's own space, with the
+    architectures fixed by `allocation_points`; `storage` (an Optuna journal) persists the
+    study for the report and optuna-dashboard."""
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    metric, mode = cfg.metric()
+    return OptunaSearch(
+        space=functools.partial(define_space, archs=list(cfg.sweep.archs), smoke=cfg.smoke_test,
+                                overrides=cfg.sweep.space_overrides, task=cfg.train.task),
+        metric=metric, mode=mode,
+        sampler=optuna.samplers.TPESampler(seed=cfg.sweep.seed, multivariate=True, group=True),
+        points_to_evaluate=allocation_points(cfg) or None,
+        storage=storage, study_name=study_name,
+    )
+
+
 def max_concurrent_trials(cfg: ArchlabConfig) -> int:
     """Trials that fit the cluster at once: each needs its workers plus room for Ray Data
     read tasks (one CPU), or they starve (STACK_NOTES)."""
@@ -435,11 +465,9 @@ def run_sweep(cfg: ArchlabConfig, resume: bool = False, progress=None, verbose: 
 
 def _run_tuner(cfg: ArchlabConfig, job: Job, sweep_id: str, parent_id: str, resume: bool,
                verbose: bool = False, progress=None) -> dict[str, Any]:
-    import optuna
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import ConcurrencyLimiter
-    from ray.tune.search.optuna import OptunaSearch
 
     from archlab.platform.study import sweep_journal
 
@@ -457,16 +485,7 @@ def _run_tuner(cfg: ArchlabConfig, job: Job, sweep_id: str, parent_id: str, resu
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
     else:
         n_conc = max_concurrent_trials(cfg)
-        sampler = optuna.samplers.TPESampler(seed=cfg.sweep.seed, multivariate=True, group=True)
-        # fairness: every architecture gets a trial before TPE chooses where to spend the rest
-        first = [{"arch": a} for a in cfg.sweep.archs] if cfg.sweep.num_samples >= len(cfg.sweep.archs) else None
-        searcher = OptunaSearch(
-            space=functools.partial(define_space, archs=list(cfg.sweep.archs), smoke=cfg.smoke_test,
-                                    overrides=cfg.sweep.space_overrides, task=cfg.train.task),
-            metric=metric, mode=mode, sampler=sampler, points_to_evaluate=first,
-            # persisted beside Tune's run folder: the report and optuna-dashboard read it
-            storage=sweep_journal(job.storage, sweep_id), study_name=sweep_id,
-        )
+        searcher = make_searcher(cfg, sweep_journal(job.storage, sweep_id), sweep_id)
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(

@@ -1,0 +1,55 @@
+"""sweep.allocation: who decides how many search trials each architecture gets. Driven
+through the search stage's real OptunaSearch (sweep.make_searcher), with results fed back
+as Tune would, without training anything."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+from archlab.platform.config import load_config
+from archlab.platform.sweep import allocation_points, make_searcher
+
+ARCHS = ["lstm", "gru_stack", "transformer"]
+
+
+def _run(allocation: str, n: int, score) -> tuple[Counter, list[str]]:
+    cfg = load_config(None, [f"sweep.archs={ARCHS}", f"sweep.num_samples={n}",
+                             f"sweep.allocation={allocation}"], smoke_test=True)
+    metric, _ = cfg.metric()
+    searcher = make_searcher(cfg)
+    got, order = Counter(), []
+    for i in range(n):
+        config = searcher.suggest(f"t{i}")
+        arch = config["arch"]
+        assert any(k.startswith(arch + ".") for k in config), config  # TPE sampled its own space
+        got[arch] += 1
+        order.append(arch)
+        searcher.on_trial_complete(f"t{i}", {metric: score(arch), "epoch": 1})
+    return got, order
+
+
+def test_equal_allocation_gives_every_architecture_the_same_number_of_search_trials():
+    # transformer scores far ahead from its first trial: TPE alone would favour it
+    score = {"lstm": 0.1, "gru_stack": 0.1, "transformer": 0.9}.get
+    got, order = _run("equal", 6, score)
+    assert got == {"lstm": 2, "gru_stack": 2, "transformer": 2}
+    assert order == ARCHS * 2  # round-robin: the split holds at any point of the search
+    got, _ = _run("equal", 7, score)
+    assert got == {"lstm": 3, "gru_stack": 2, "transformer": 2}
+
+
+def test_tpe_allocation_fixes_only_the_first_trial_of_each_architecture():
+    cfg = load_config(None, [f"sweep.archs={ARCHS}", "sweep.num_samples=6", "sweep.allocation=tpe"],
+                      smoke_test=True)
+    assert allocation_points(cfg) == [{"arch": a} for a in ARCHS]
+    got, order = _run("tpe", 12, {"lstm": 0.1, "gru_stack": 0.1, "transformer": 0.9}.get)
+    assert order[:3] == ARCHS and sum(got.values()) == 12
+
+
+def test_allocation_is_validated():
+    from archlab.platform.config import ConfigError
+
+    with pytest.raises(ConfigError, match="allocation"):
+        load_config(None, ["sweep.allocation=greedy"])
