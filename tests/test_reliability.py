@@ -161,6 +161,42 @@ def test_latest_checkpoint_is_the_last_complete_one(tmp_path):
     assert path.endswith("07-00-09.000001") and metrics["epoch"] == 2
 
 
+def test_a_restarted_worker_takes_the_newest_complete_mid_epoch_checkpoint_of_its_epoch(tmp_path):
+    """Ray restores the checkpoint its controller registered; one uploaded after it (not yet
+    polled) is newer. Taken: mid-epoch, same epoch, later step, and it must load."""
+    import types
+
+    import pyarrow.fs
+    import torch
+
+    from archlab.platform.train import newer_mid_epoch_checkpoint
+
+    def ckpt(name, metrics, state=True):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "metrics.json").write_text(json.dumps(metrics))
+        (d / "model_spec.json").write_text("{}")
+        if state is True:
+            torch.save({"step": metrics.get("step")}, d / "state.pt")
+        elif state:
+            (d / "state.pt").write_bytes(state)  # a copy cut short
+        return d
+
+    storage = types.SimpleNamespace(storage_filesystem=pyarrow.fs.LocalFileSystem(), experiment_fs_path=str(tmp_path))
+    assert newer_mid_epoch_checkpoint(storage, -1, 0) is None
+    ckpt("checkpoint_a", {"mid_epoch": 1, "epoch": 0, "step": 5})
+    b = ckpt("checkpoint_b", {"mid_epoch": 1, "epoch": 0, "step": 10})
+    ckpt("checkpoint_c", {"mid_epoch": 1, "epoch": 0, "step": 15}, state=b"PK\x03 truncated")
+    ckpt("checkpoint_d", {"epoch": 1, "step": 20, "val_cosine_seed": 0.3})  # epoch end: never taken
+    ckpt("checkpoint_e", {"mid_epoch": 1, "epoch": 1, "step": 25})  # another epoch
+    assert newer_mid_epoch_checkpoint(storage, -1, 0) == b  # fresh restart: the newest that loads
+    assert newer_mid_epoch_checkpoint(storage, 5, 0) == b
+    assert newer_mid_epoch_checkpoint(storage, 10, 0) is None  # Ray's is already the newest
+    assert newer_mid_epoch_checkpoint(storage, 20, 1).name == "checkpoint_e"
+    remote = types.SimpleNamespace(storage_filesystem=object(), experiment_fs_path=str(tmp_path))
+    assert newer_mid_epoch_checkpoint(remote, -1, 0) is None
+
+
 def test_an_epoch_whose_buffered_metrics_died_with_the_worker_is_logged_from_its_checkpoint(tmp_path):
     """ASHA stops a trial at an epoch's report; the worker's buffered MLflow writes of that
     epoch may die with it. The checkpoint's metrics.json holds them: they are logged once."""
@@ -415,12 +451,12 @@ def test_sigterm_ends_the_runs_killed_exits_130_and_leaves_no_orphans(tmp_path, 
 
 
 @pytest.mark.slow
-def test_worker_sigkill_mid_epoch_resumes_from_its_last_registered_checkpoint(ray_local, tmp_path, sample_dataset):
+def test_worker_sigkill_mid_epoch_loses_less_than_the_checkpoint_interval(ray_local, tmp_path, sample_dataset):
     """Fault injection: SIGKILL the Train worker in the middle of an epoch. Ray Train
-    restarts it from the last mid-epoch checkpoint (train.checkpoint_every_steps) its
-    controller had registered, so the steps lost are those since that checkpoint: at most
-    two intervals (a report waits in a queue of one for the controller's 2 s poll) plus
-    the steps of the unfinished interval; no step is counted twice or missing."""
+    restarts it, and the worker resumes from the newest complete mid-epoch checkpoint in
+    storage (train.checkpoint_every_steps), even one Ray's controller had not registered
+    yet (a report waits for its 2 s poll), so fewer than the interval's steps are lost; no
+    step is counted twice or missing."""
     import threading
 
     from ray.util.state import list_actors
@@ -488,15 +524,17 @@ def test_worker_sigkill_mid_epoch_resumes_from_its_last_registered_checkpoint(ra
     resumed = [m.value for m in c.get_metric_history(result["run_id"], "resumed_from_step")]
     steps = [int(m.value) for m in c.get_metric_history(result["run_id"], "step")]
     assert steps == [60, 120]  # no step counted twice, none missing
-    # resumed from the registered checkpoint or a later one, on the interval, mid-epoch
-    assert registered <= resumed[0] <= written and resumed[0] % every == 0 and 0 < resumed[0] < 60, \
+    # resumed from the newest checkpoint on disk (later than the registered one when the
+    # controller had not polled it yet: train.newer_mid_epoch_checkpoint), so fewer than
+    # `every` steps are lost: the worker was past step `written` and short of written + every
+    assert resumed[0] == written and registered <= written and resumed[0] % every == 0 and 0 < resumed[0] < 60, \
         (resumed, registered, written)
     assert [m.step for m in c.get_metric_history(result["run_id"], "val_cosine_seed")] == [1, 2]
     runs = _runs(c, c.get_experiment_by_name("archlab").experiment_id)
     assert len(runs) == 2 and {r.info.status for r in runs} == {"FINISHED"}
-    print(f"FIGURE worker SIGKILL: killed with step {written} on disk (step {registered} registered), "
-          f"resumed from step {int(resumed[0])} (interval {every}): lost {written - int(resumed[0])} steps "
-          f"+ those since step {written}; run FINISHED {time.time() - t_kill:.0f} s after the kill")
+    print(f"FIGURE worker SIGKILL: killed with step {written} on disk (Ray had registered step {registered}), "
+          f"resumed from step {int(resumed[0])}: lost the < {every} steps after it; "
+          f"run FINISHED {time.time() - t_kill:.0f} s after the kill")
 
 
 @pytest.mark.slow

@@ -99,6 +99,45 @@ def load_state(path: str | Path, device="cpu") -> dict[str, Any]:
     return torch.load(Path(path) / STATE_FILE, map_location=device, weights_only=True)
 
 
+def newer_mid_epoch_checkpoint(storage, after_step: int, epoch: int) -> Path | None:
+    """A complete mid-epoch checkpoint of this Train run on local (or shared) storage that
+    is later than the one Ray Train restored (`after_step`; -1: none) and in the same
+    epoch, or None.
+
+    Ray Train registers a reported checkpoint only when its controller polls the worker
+    (every 2 s), and a worker's report waits in a queue of one: a worker killed right
+    after an upload restarts up to two intervals back. The files are already in storage,
+    so the restart takes the newest loadable one, and a SIGKILLed worker loses fewer than
+    `train.checkpoint_every_steps` steps. Only mid-epoch checkpoints of the restored epoch
+    are taken: an epoch-end report the controller never saw must be made again (it feeds
+    Tune and ASHA), so it is recomputed. Every rank reads the same files, no writer is
+    alive at a restart, so all ranks choose the same one. Remote storage: None (Ray's)."""
+    import pyarrow.fs
+
+    try:
+        if not isinstance(storage.storage_filesystem, pyarrow.fs.LocalFileSystem):
+            return None
+        base = Path(storage.experiment_fs_path)
+    except Exception:  # a storage context without these (older Ray): keep Ray's choice
+        return None
+    found = []
+    for d in base.glob("checkpoint_*"):
+        try:
+            m = json.loads((d / "metrics.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if m.get(MID_EPOCH) and m.get("epoch") == epoch and int(m.get("step", -1)) > after_step \
+                and (d / STATE_FILE).is_file() and (d / SPEC_FILE).is_file():
+            found.append((int(m["step"]), d))
+    for _, d in sorted(found, reverse=True):
+        try:
+            load_state(d)  # a copy cut short by the kill does not load: take the one before
+            return d
+        except Exception:
+            continue
+    return None
+
+
 def _report(trainer: Trainer, spec: dict, metrics: dict[str, Any], rank: int) -> None:
     """`ray.train.report` with a checkpoint written by rank 0 (every rank must call it)."""
     import ray.train
@@ -142,6 +181,11 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     if restored:
         with restored.as_directory() as d:
             trainer.load_state_dict(load_state(d, device))
+    newer = newer_mid_epoch_checkpoint(ctx.get_storage(), trainer.step if restored else -1, trainer.epoch)
+    if newer is not None:  # written and uploaded, but not yet registered by the controller
+        trainer.load_state_dict(load_state(newer, device))
+        restored = restored or newer
+    if restored:
         log.info("rank %d resumed at epoch %d, batch %d of it (step %d)", rank, trainer.epoch,
                  trainer.batches_in_epoch, trainer.step)
     # the optimizer step this worker process resumed from (-1: a fresh start), logged with
