@@ -93,30 +93,40 @@ def wait_http(url: str, proc, timeout: float) -> bool:
     return False
 
 
-@pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory):
-    """A real `mlflow server` on 127.0.0.1 with a SQLite store, stopped by its PID. A port
-    can be taken by another process between choosing and binding it: then try another."""
+def start_mlflow_server(root: Path, port: int, name: str = "server"):
+    """A real `mlflow server` on 127.0.0.1:`port` with its SQLite store and artifacts under
+    `root` (a restart on the same root and port serves the same store), its output in
+    `root/<name>.log`. Returns the process (started in its own session: stop it with
+    stop_group), or None if it did not answer /health."""
     import subprocess
     import sys
 
+    log = open(root / f"{name}.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root}/m.db",
+         "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1",
+         "--port", str(port), "--workers", "1"],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    log.close()  # the child holds its own copy
+    if wait_http(f"http://127.0.0.1:{port}/health", proc, timeout=300):
+        return proc
+    stop_group(proc, timeout=5)
+    return None
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` with a SQLite store, stopped by its PID. A port can be taken
+    by another process between choosing and binding it: then try another."""
     root = tmp_path_factory.mktemp("mlflow")
     for attempt in range(3):
         port = free_port()
-        log = open(root / f"server-{attempt}.log", "w")
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root}/m.db",
-             "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1",
-             "--port", str(port), "--workers", "1"],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-        uri = f"http://127.0.0.1:{port}"
-        if wait_http(uri + "/health", proc, timeout=300):
+        proc = start_mlflow_server(root, port, f"server-{attempt}")
+        if proc is not None:
+            uri = f"http://127.0.0.1:{port}"
             break
-        stop_group(proc, timeout=5)
-        log.close()
     else:
         raise RuntimeError(f"mlflow server did not start; log:\n{(root / 'server-2.log').read_text()[-3000:]}")
     yield uri
     stop_group(proc, timeout=20)
-    log.close()

@@ -141,12 +141,9 @@ def test_a_refused_batch_is_dropped_not_retried_forever():
 def test_real_server_stopped_and_restarted_loses_nothing(tmp_path, monkeypatch):
     """A real `mlflow server` goes down mid-run: logging does not wait, and after it comes
     back (same store, same port) every metric is there."""
-    import subprocess
-    import sys
-
     from mlflow.tracking import MlflowClient
 
-    from tests.conftest import free_port, stop_group, wait_http
+    from tests.conftest import free_port, start_mlflow_server, stop_group
 
     # fail fast inside each request, so the buffer's own retry loop is what is tested
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
@@ -155,15 +152,8 @@ def test_real_server_stopped_and_restarted_loses_nothing(tmp_path, monkeypatch):
     uri = f"http://127.0.0.1:{port}"
 
     def start(i):
-        log = open(tmp_path / f"server-{i}.log", "w")
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path}/m.db",
-             "--artifacts-destination", str(tmp_path / "artifacts"), "--host", "127.0.0.1",
-             "--port", str(port), "--workers", "1"],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-        if not wait_http(uri + "/health", proc, timeout=300):
-            stop_group(proc, timeout=5)
+        proc = start_mlflow_server(tmp_path, port, f"server-{i}")
+        if proc is None:
             pytest.fail(f"mlflow server did not start on port {port}: {(tmp_path / f'server-{i}.log').read_text()[-500:]}")
         return proc
 

@@ -548,19 +548,14 @@ def test_mlflow_server_down_60_s_mid_run_stalls_no_epoch_and_loses_nothing(ray_l
     from mlflow.tracking import MlflowClient
 
     from archlab.platform.sweep import run_train
-    from tests.conftest import free_port, stop_group, wait_http
+    from tests.conftest import free_port, start_mlflow_server, stop_group
 
     port = free_port()
     uri = f"http://127.0.0.1:{port}"
 
     def start(i):
-        log = open(tmp_path / f"server-{i}.log", "w")
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path}/m.db",
-             "--artifacts-destination", str(tmp_path / "artifacts"), "--host", "127.0.0.1",
-             "--port", str(port), "--workers", "1"],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        assert wait_http(uri + "/health", proc, timeout=300), (tmp_path / f"server-{i}.log").read_text()[-2000:]
+        proc = start_mlflow_server(tmp_path, port, f"server-{i}")
+        assert proc is not None, (tmp_path / f"server-{i}.log").read_text()[-2000:]
         return proc
 
     epochs, outage_s = 80, 60.0  # ~1 s an epoch on an idle machine: the run outlasts the outage
