@@ -130,3 +130,20 @@ def mlflow_server(tmp_path_factory):
         raise RuntimeError(f"mlflow server did not start; log:\n{(root / 'server-2.log').read_text()[-3000:]}")
     yield uri
     stop_group(proc, timeout=20)
+
+
+@pytest.fixture(scope="session")
+def smoke_demo(tmp_path_factory):
+    """`archlab demo --smoke-test` run once, as the README's user runs it: in an empty folder,
+    MLFLOW_TRACKING_URI naming a SQLite store there, a 100-column terminal. Returns (the
+    folder, the CompletedProcess). The README test and the console test both read it."""
+    import subprocess
+    import sys
+
+    cwd = tmp_path_factory.mktemp("demo")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{cwd}/m.db", "COLUMNS": "100"}
+    env.pop("RAY_ADDRESS", None)
+    archlab = str(Path(sys.executable).parent / "archlab")
+    out = subprocess.run([archlab, "demo", "--smoke-test"], cwd=cwd, env=env, capture_output=True, text=True,
+                         timeout=1800)
+    return cwd, out

@@ -2,10 +2,7 @@
 trial, and the smoke demo's stdout free of Ray's per-rank and raylet output."""
 
 import io
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -86,12 +83,8 @@ def test_progress_callback_survives_the_tuner_pickle():
 
 
 @pytest.mark.slow
-def test_smoke_demo_console_is_quiet_and_the_leaderboard_whole(tmp_path):
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/m.db", "COLUMNS": "100"}
-    env.pop("RAY_ADDRESS", None)
-    archlab = str(Path(sys.executable).parent / "archlab")
-    out = subprocess.run([archlab, "demo", "--smoke-test", "--set", f"sweep.storage_path={tmp_path / 'runs'}"],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1800)
+def test_smoke_demo_console_is_quiet_and_the_leaderboard_whole(smoke_demo):
+    _, out = smoke_demo
     assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
     text = out.stdout
     assert "TrainingReport" not in text and "TrainingReport" not in out.stderr, text[-4000:]

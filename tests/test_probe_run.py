@@ -4,10 +4,8 @@ MQAR (L=64, 4 pairs); a small pure recurrent model does not at long L)."""
 
 from __future__ import annotations
 
-import dataclasses
 
 import mlflow
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F

@@ -63,16 +63,9 @@ def test_archs_lists_every_registered_architecture():
 
 
 @pytest.mark.slow
-def test_demo_smoke_leaves_a_champion_in_the_store_it_is_given(tmp_path):
+def test_demo_smoke_leaves_a_champion_in_the_store_it_is_given(smoke_demo):
     """The issue's check, verbatim: MLFLOW_TRACKING_URI=sqlite:///<tmp>/m.db archlab demo --smoke-test."""
-    import os
-    from pathlib import Path
-
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/m.db"}
-    env.pop("RAY_ADDRESS", None)
-    archlab = str(Path(sys.executable).parent / "archlab")
-    out = subprocess.run([archlab, "demo", "--smoke-test"], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=1800)
+    tmp_path, out = smoke_demo
     assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
     assert "linear_average" in out.stdout and "champion" in out.stdout
     from archlab.platform.tracking import list_models

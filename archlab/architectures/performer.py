@@ -34,7 +34,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from archlab.architectures.common import HeadsAttention, PositionalStack, PreNormBlock, gelu_mlp, learned_positions
