@@ -242,45 +242,81 @@ class WindowCutter:
         return token_windows(table, length=length, separator=self.sep, row_mask=mask)
 
 
+CUT_DOCS = 64  # documents per cutting batch: a token batch packs this many documents
+
+
+def cut_windows(files: list[str], cutter: WindowCutter, column: str, limit: int = 0) -> list[np.ndarray]:
+    """The windows of `files`, cut on the driver with pyarrow, CUT_DOCS documents at a time
+    (the grouping the streamed train split's map_batches uses), in file order: one array
+    per batch, stopping once `limit` (0 = all) windows are cut."""
+    import pyarrow.parquet as pq
+
+    parts, n = [], 0
+    for f in files:
+        table = pq.read_table(f, columns=[column])
+        for start in range(0, table.num_rows, CUT_DOCS):
+            x = cutter(table.slice(start, CUT_DOCS))["x"]
+            if len(x):
+                parts.append(x)
+                n += len(x)
+            if limit and n >= limit:
+                return parts
+    return parts
+
+
+def _in_object_store(parts: list[np.ndarray], limit: int = 0):
+    """A materialised Ray dataset with column "x", one block per part, put from the driver:
+    no read or cut task has to start (on 2 cores each Ray Data stage took 10-40 s to
+    schedule before its first row, whatever the size)."""
+    import pyarrow as pa
+    import ray.data
+    from ray.data.extensions import ArrowTensorArray
+
+    if limit:
+        kept, n = [], 0
+        for x in parts:
+            kept.append(x[: limit - n])
+            n += len(kept[-1])
+            if n >= limit:
+                break
+        parts = kept
+    return ray.data.from_arrow([pa.table({"x": ArrowTensorArray.from_numpy(x)}) for x in parts])
+
+
 def make_ray_datasets(cfg: ArchlabConfig, info: DatasetInfo) -> dict[str, Any]:
-    """{"train": streaming windows, "valid": seed-protocol windows materialised once
-    (cached), and for a vector data.context > 5 "valid_ctx": full-context windows, also
-    materialised} (valid_window_lengths)."""
+    """{"train": windows, "valid": seed-protocol windows, and for a vector data.context > 5
+    "valid_ctx": full-context windows} (valid_window_lengths).
+
+    Validation windows, and train windows up to data.cache_train_mb, are cut once per job
+    on the driver (`cut_windows`) and put in Ray's object store, so every trial and epoch
+    iterates those blocks and the driver's baselines see exactly the windows the workers
+    evaluate. Larger train splits stream from the files each epoch (read -> cut tasks)."""
     import ray.data
 
     cfg_dict = cfg.to_dict()
     col = "vectors" if info.kind == "vector" else "tokens"
 
-    def windows(files: list[str], stride: int, length: int | None = None):
-        ds = ray.data.read_parquet(files).select_columns([col])
-        return ds.map_batches(
-            WindowCutter(cfg_dict, info.dim, info.vocab_size, info.separator, stride, length),
-            batch_format="pyarrow",
-            batch_size=64,  # documents per task batch
-        )
+    def cutter(stride: int, length: int | None = None) -> WindowCutter:
+        return WindowCutter(cfg_dict, info.dim, info.vocab_size, info.separator, stride, length)
 
-    train = windows(info.files[cfg.data.train_split], cfg.data.stride)
+    train_files = info.files[cfg.data.train_split]
     if caches_train(cfg, info):
-        # Read and cut once for the whole job: otherwise every trial and every epoch starts
-        # a new read (ListFiles -> ReadParquet -> WindowCutter), which costs a 2-core machine
-        # about 15 s before the first batch, whatever the step budget.
         log.info("train windows (~%.0f MiB) cached in the object store (data.cache_train_mb=%d)",
                  train_windows_bytes(cfg, info) / 2**20, cfg.data.cache_train_mb)
-        train = train.materialize()
+        train = _in_object_store(cut_windows(train_files, cutter(cfg.data.stride), col))
+    else:
+        train = ray.data.read_parquet(train_files).select_columns([col]).map_batches(
+            cutter(cfg.data.stride), batch_format="pyarrow", batch_size=CUT_DOCS)
     # block order shuffled per execution (each epoch), then a bounded local shuffle per worker
     train = train.randomize_block_order(seed=cfg.train.seed)
     out = {"train": train}
     for name, length in valid_window_lengths(cfg).items():
-        valid = windows(info.files[cfg.data.valid_split], 1, length)
-        if cfg.data.max_valid_windows:
-            valid = valid.limit(cfg.data.max_valid_windows)
-        # The validation windows are read once on the driver side and kept in the object
-        # store: every epoch's evaluation iterates the cached blocks, not the files.
-        valid = valid.materialize()
-        if valid.count() == 0:
+        limit = cfg.data.max_valid_windows
+        parts = cut_windows(info.files[cfg.data.valid_split], cutter(1, length), col, limit)
+        if not parts:
             raise DataError(f"{info.root}: split {cfg.data.valid_split!r} yields no windows of {length} items"
                             + (" (data.context + 1)" if name == "valid_ctx" else ""))
-        out[name] = valid
+        out[name] = _in_object_store(parts, limit)
     return out
 
 
