@@ -11,8 +11,10 @@ Rules (DESIGN.md):
   text in the `archlab.error` tag) or KILLED;
 - params are flattened with dotted keys; what changes during a run (lr, epoch) is a metric;
 - the best trial per (architecture, task, dataset) is registered as a model version with
-  tags, and gets the `champion` alias only when it beats the current champion on the same
-  validation windows (both are evaluated here, side by side).
+  tags (with a confirm stage: the best config by its mean over the confirm seeds), and
+  gets the `champion` alias only when it beats the current champion on the same
+  validation windows (the champion evaluated here; the candidate by its confirm mean, or
+  evaluated beside it), and never when its verdict against the best baseline is `worse`.
 """
 
 from __future__ import annotations
