@@ -90,7 +90,8 @@ def test_smoke_demo_console_is_quiet_and_the_leaderboard_whole(tmp_path):
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/m.db", "COLUMNS": "100"}
     env.pop("RAY_ADDRESS", None)
     archlab = str(Path(sys.executable).parent / "archlab")
-    out = subprocess.run([archlab, "demo", "--smoke-test", "--set", f"sweep.storage_path={tmp_path / 'runs'}"],
+    out = subprocess.run([archlab, "demo", "--smoke-test", "--set", f"sweep.storage_path={tmp_path / 'runs'}",
+                          "--set", "sweep.confirm.top_k=0"],  # the console; the confirm stage: test_readme_cli
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1800)
     assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
     text = out.stdout
