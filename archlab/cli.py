@@ -94,7 +94,8 @@ def _print_registry(decisions: list[dict]) -> None:
 
     con = Console()
     for d in decisions:
-        flag = "[green]champion[/]" if d["promoted"] else "kept previous champion"
+        flag = ("[green]champion[/]" if d["promoted"] else
+                "not champion" if d.get("verdict") == "worse" else "kept previous champion")
         con.print(f"registered {d['name']} v{d['version']} score={d['score']:.4f}: {flag} ({d.get('reason', '')})")
 
 
@@ -169,6 +170,12 @@ def sweep(
     print(f"sweep {result['sweep_id']}: {len(result['trials'])} trials, {n_err} errored")
     for t in errored:
         print(f"  trial {t['trial_id']}: {_one_line(t['error'])}")
+    confirm = result.get("confirm") or []
+    if confirm:
+        c_err = [t for t in confirm if t.get("error")]
+        print(f"confirm stage: {len(confirm)} runs, {len(c_err)} errored")
+        for t in c_err:
+            print(f"  confirm run {t['trial_id']}: {_one_line(t['error'])}")
     _where(result)
     if n_err == len(result["trials"]):
         raise typer.Exit(1)

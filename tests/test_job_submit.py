@@ -68,6 +68,7 @@ def test_smoke_sweep_runs_as_a_ray_job(head_node, tmp_path):
     cmd = [
         str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", address, "--working-dir", ".",
         "--", "archlab", "sweep", "--smoke-test", "--set", "sweep.num_samples=2", "--set", "sweep.name=jobtest",
+        "--set", "sweep.confirm.top_k=0",
         "--set", f"tracking.uri=sqlite:///{store}", "--set", f"sweep.storage_path={tmp_path / 'runs'}",
     ]
     out = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=900)

@@ -63,7 +63,7 @@ def test_archs_lists_every_registered_architecture():
 
 
 @pytest.mark.slow
-def test_demo_smoke_leaves_a_champion_in_the_store_it_is_given(smoke_demo):
+def test_demo_smoke_registers_every_arch_from_its_confirm_runs_in_the_store_it_is_given(smoke_demo):
     """The issue's check, verbatim: MLFLOW_TRACKING_URI=sqlite:///<tmp>/m.db archlab demo --smoke-test."""
     tmp_path, out = smoke_demo
     assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
@@ -72,5 +72,9 @@ def test_demo_smoke_leaves_a_champion_in_the_store_it_is_given(smoke_demo):
 
     models = list_models(f"sqlite:///{tmp_path}/m.db", "archlab-vector")
     assert {m["name"] for m in models} == {"archlab-vector-lstm", "archlab-vector-transformer", "archlab-vector-amn"}
-    assert all(any("champion" in m["aliases"] for m in models if m["name"] == n) for n in {m["name"] for m in models})
+    # one version per arch (a fresh store), registered from its confirm runs (2 seeds); champion
+    # unless its verdict against the best baseline is worse
+    assert len(models) == 3 and all(m["tags"]["archlab.confirm_seeds"] == "1,2" for m in models)
+    assert all(("champion" in m["aliases"]) == (m["tags"]["archlab.verdict_vs_baseline"] != "worse") for m in models)
+    assert "confirm stage: 6 runs, 0 errored" in out.stdout
     assert (tmp_path / "archlab_runs").is_dir() and not (tmp_path / "mlflow.db").exists()

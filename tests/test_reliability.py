@@ -318,6 +318,7 @@ def test_nan_trial_fails_once_with_its_reason_and_the_sweep_goes_on(ray_local, t
         "sweep.max_concurrent=1", "train.num_workers=1", "train.max_failures=2",
         # only lstm's trials diverge: a NaN loss at optimizer step 3 on every try
         'sweep.space_overrides={lstm: {train.inject_nan_at_step: {choices: [3]}}}',
+        "sweep.confirm.top_k=0",  # the search's failure handling; no confirm stage needed
     ], smoke_test=True)
     t0 = time.perf_counter()
     result = run_sweep(cfg)
@@ -349,7 +350,8 @@ def test_driver_sigkill_then_resume_keeps_every_model_and_version_and_leaves_no_
     args = ["sweep", "--smoke-test", "--set", f"data.path={sample_dataset}", "--set", f"tracking.uri={uri}",
             "--set", f"sweep.storage_path={store}", "--set", "sweep.name=kill-test",
             "--set", "sweep.archs=[lstm, transformer]", "--set", "sweep.num_samples=2",
-            "--set", "sweep.max_concurrent=1", "--set", "train.num_workers=1", "--set", "ray.num_cpus=4"]
+            "--set", "sweep.max_concurrent=1", "--set", "train.num_workers=1", "--set", "ray.num_cpus=4",
+            "--set", "sweep.confirm.top_k=0"]  # the search's resume; the confirm's: test_confirm_resume_*
     log = open(tmp_path / "first.log", "w")
     driver = subprocess.Popen([sys.executable, "-m", "archlab.cli", *args], cwd=tmp_path,
                               env=_env(RAY_TMPDIR=str(ray_tmp)), stdout=log, stderr=subprocess.STDOUT)
@@ -395,7 +397,59 @@ def test_driver_sigkill_then_resume_keeps_every_model_and_version_and_leaves_no_
     versions = tracking.list_models(uri, "archlab-vector")
     assert sorted(v["name"] for v in versions) == ["archlab-vector-lstm", "archlab-vector-transformer"]
     assert {v["run_id"] for v in versions} == {x.info.run_id for x in children}
-    assert all("champion" in v["aliases"] for v in versions)
+    # a fresh store: every version is champion but one whose verdict vs the best baseline is worse
+    assert all(("champion" in v["aliases"]) == (v["tags"]["archlab.verdict_vs_baseline"] != "worse")
+               for v in versions)
+
+
+@pytest.mark.slow
+def test_confirm_resume_after_a_driver_sigkill_in_the_confirm_stage(tmp_path, sample_dataset):
+    """Killed while the confirm stage runs, `--resume` restores the confirm stage's Tune run
+    and finishes it; the finished search is not trained again; one run per confirm run."""
+    ray_tmp = _short_tmp()
+    uri = f"sqlite:///{tmp_path}/m.db"
+    store = tmp_path / "runs"
+    args = ["sweep", "--smoke-test", "--set", f"data.path={sample_dataset}", "--set", f"tracking.uri={uri}",
+            "--set", f"sweep.storage_path={store}", "--set", "sweep.name=kc-test",
+            "--set", "sweep.archs=[lstm, transformer]", "--set", "sweep.num_samples=2",
+            "--set", "sweep.max_concurrent=1", "--set", "train.num_workers=1", "--set", "ray.num_cpus=4",
+            "--set", "sweep.confirm.seeds=[1]"]
+    log = open(tmp_path / "first.log", "w")
+    driver = subprocess.Popen([sys.executable, "-m", "archlab.cli", *args], cwd=tmp_path,
+                              env=_env(RAY_TMPDIR=str(ray_tmp)), stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.time() + 1200
+    started = None  # kill once the first confirm run's Train run wrote its first checkpoint
+    while time.time() < deadline and driver.poll() is None and started is None:
+        started = next(iter(store.glob("train-trial_id=kc-test-1-c*/checkpoint_*/metrics.json")), None)
+        time.sleep(0.5)
+    assert driver.poll() is None and started is not None, (tmp_path / "first.log").read_text()[-3000:]
+    search_ckpts = {p: p.stat().st_mtime for p in store.glob("train-trial_id=*/checkpoint_*/metrics.json")
+                    if "kc-test-1-c" not in str(p)}
+    assert len({p.parent.parent for p in search_ckpts}) == 2  # the search had finished
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    time.sleep(5)
+    r = _archlab([*args, "--resume"], tmp_path, timeout=1200, RAY_TMPDIR=str(ray_tmp))
+    (tmp_path / "resume.log").write_text(r.stdout + r.stderr)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    assert "2 trials, 0 errored" in r.stdout and "confirm stage: 2 runs, 0 errored" in r.stdout
+    c = tracking.client(uri)
+    exp = c.get_experiment_by_name("kc-test").experiment_id
+    parents = [x for x in _runs(c, exp) if x.data.tags.get(tracking.TAG_ROLE) == "parent"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    children = _children(c, exp, parents[0].info.run_id)
+    confirm = [x for x in children if x.data.tags.get("stage") == "confirm"]
+    assert len(children) == 4 and len(confirm) == 2
+    assert len({x.data.tags[tracking.TAG_TRIAL] for x in children}) == 4  # no duplicate runs
+    assert not [x for x in children if x.info.status != "FINISHED"]
+    assert sorted(x.data.tags[tracking.TAG_ARCH] for x in confirm) == ["lstm", "transformer"]
+    for x in confirm:
+        hist = c.get_metric_history(x.info.run_id, "val_cosine_seed")
+        assert [m.step for m in hist] == [1, 2] and x.data.tags["confirm_seed"] == "1"
+    # the search was not trained again: its checkpoints are the ones written before the kill
+    assert {p: p.stat().st_mtime for p in search_ckpts} == search_ckpts
+    versions = tracking.list_models(uri, "archlab-vector")
+    assert {v["run_id"] for v in versions} == {x.info.run_id for x in confirm}
 
 
 @pytest.mark.slow

@@ -19,6 +19,8 @@ def sweep_result(ray_local, mlflow_server, tmp_path_factory, sample_dataset):
         f"data.path={sample_dataset}", f"tracking.uri={mlflow_server}", f"sweep.storage_path={store}",
         "sweep.name=slice-test", "sweep.archs=[lstm, transformer]", "sweep.num_samples=4",
         "train.num_workers=2", "train.cpus_per_worker=1",
+        # the confirm stage at smoke size: 2 archs x top 1 x the smoke default's 2 seeds
+        "sweep.confirm.top_k=1",
     ], smoke_test=True)
     return cfg, run_sweep(cfg)
 
@@ -32,8 +34,9 @@ def test_one_child_run_per_trial_with_flattened_params_and_epoch_metrics(sweep_r
     c = MlflowClient(mlflow_server)
     children = c.search_runs([result["experiment_id"]],
                              filter_string=f"tags.`mlflow.parentRunId` = '{result['parent_run_id']}'")
-    assert len(children) == len(result["trials"])
-    assert sorted(r.info.run_name for r in children) == sorted(f"trial-{t['trial_id']}" for t in result["trials"])
+    every = result["trials"] + result["confirm"]
+    assert len(children) == len(every)
+    assert sorted(r.info.run_name for r in children) == sorted(f"trial-{t['trial_id']}" for t in every)
     assert {r.data.tags["archlab.arch"] for r in children} == {"lstm", "transformer"}
     for run in children:
         p = run.data.params
@@ -44,7 +47,7 @@ def test_one_child_run_per_trial_with_flattened_params_and_epoch_metrics(sweep_r
         assert [m.step for m in hist] == list(range(1, len(hist) + 1))  # one value per epoch, no duplicates
         assert run.info.status == "FINISHED"
         # the trial's final model is logged to this very run
-        trial = next(t for t in result["trials"] if t["run_id"] == run.info.run_id)
+        trial = next(t for t in every if t["run_id"] == run.info.run_id)
         logged = c.get_logged_model(trial["model_uri"].split("/")[-1])
         assert logged.source_run_id == run.info.run_id and logged.name == "model"
     # baselines logged on the parent, computed on the same windows
@@ -52,7 +55,59 @@ def test_one_child_run_per_trial_with_flattened_params_and_epoch_metrics(sweep_r
     assert parent["baseline.linear_average.cosine"] > parent["baseline.persistence.cosine"] > 0.2
 
 
-def test_a_registry_version_per_architecture_and_champion_loads(sweep_result, mlflow_server, sample_dataset):
+def test_confirm_stage_retrains_the_best_config_of_each_arch_on_every_seed(sweep_result, mlflow_server):
+    from mlflow.tracking import MlflowClient
+
+    cfg, result = sweep_result
+    c = MlflowClient(mlflow_server)
+    children = c.search_runs([result["experiment_id"]],
+                             filter_string=f"tags.`mlflow.parentRunId` = '{result['parent_run_id']}'")
+    confirm = [r for r in children if r.data.tags.get("stage") == "confirm"]
+    search = [r for r in children if r.data.tags.get("stage") == "search"]
+    assert len(search) == len(result["trials"]) == 4 and len(confirm) + len(search) == len(children)
+    assert len(confirm) == 2 * 1 * 2 == len(result["confirm"])  # archs x top_k x seeds
+    assert not [t for t in result["confirm"] if t["error"]]
+    hashes = {r.data.tags["config_hash"] for r in search}
+    assert len(hashes) >= 2 and all(len(h) == 16 for h in hashes)
+    for arch in ("lstm", "transformer"):
+        runs = [r for r in confirm if r.data.tags["archlab.arch"] == arch]
+        # the same seeds for every arch; the seed is the run's train.seed (init + data order)
+        assert sorted(r.data.tags["confirm_seed"] for r in runs) == ["1", "2"]
+        assert all(r.data.params["train.seed"] == r.data.tags["confirm_seed"] for r in runs)
+        assert all(r.info.status == "FINISHED" and "archlab.model_uri" in r.data.tags for r in runs)
+        # both seeds retrain one config: the arch's best search trial, by its hash
+        best = max((r for r in search if r.data.tags["archlab.arch"] == arch),
+                   key=lambda r: r.data.metrics["val_cosine_seed"])
+        assert {r.data.tags["config_hash"] for r in runs} == {best.data.tags["config_hash"]}
+        assert {r.data.tags["archlab.search_trial"] for r in runs} == {best.data.tags["archlab.trial_id"]}
+        # confirm runs train every epoch: no early stopping
+        assert all([m.step for m in c.get_metric_history(r.info.run_id, "val_cosine_seed")] == [1, 2] for r in runs)
+    assert not {r.data.tags["archlab.trial_id"] for r in confirm} & {r.data.tags["archlab.trial_id"] for r in search}
+
+
+def test_leaderboard_rows_are_confirm_means_with_cis_and_print_the_same_bytes_twice(sweep_result, mlflow_server):
+    from archlab.platform.leaderboard import format_board, leaderboard
+
+    cfg, result = sweep_result
+    models = [r for r in result["leaderboard"]["rows"] if r["kind"] == "model"]
+    assert {r["entry"] for r in models} == {"lstm", "transformer"}
+    for r in models:
+        assert r["stage"] == "confirm" and r["n"] == 2
+        assert r["ci_lo"] <= r["mean"] <= r["ci_hi"] and r["ci_lo"] < r["ci_hi"]
+        assert r["vs_base"] in ("better", "tie", "worse") and r["vs_base_by"] == "seed"
+        assert r["p_base_adj"] >= r["p_base"]
+    args = (mlflow_server, result["experiment_id"], result["parent_run_id"], *cfg.metric())
+    one, two = leaderboard(*args), leaderboard(*args)
+    for fmt, wide in (("table", False), ("table", True), ("markdown", False), ("csv", False), ("json", False)):
+        assert format_board(one, fmt, wide).encode() == format_board(two, fmt, wide).encode()
+    assert format_board(one, "markdown") == result["leaderboard"]["markdown"]
+
+
+def test_a_registry_version_per_architecture_from_its_confirm_runs(sweep_result, mlflow_server, sample_dataset):
+    """Registered from the confirm runs, tagged with the leaderboard's verdict against the
+    best baseline; `worse` is never champion, anything else is (a fresh store has no
+    champion to beat). On the smoke sample the tiny models sit far below the linear
+    average, so at least one version must be `worse`: the rule is seen at work."""
     from archlab.platform import modelstore
     from archlab.platform.data import read_vector_docs
     from archlab.platform.tracking import list_models
@@ -61,17 +116,31 @@ def test_a_registry_version_per_architecture_and_champion_loads(sweep_result, ml
     names = {d["name"] for d in result["registry"]}
     assert names == {"archlab-vector-lstm", "archlab-vector-transformer"}
     models = list_models(mlflow_server, "archlab-vector")
+    rows = {r["entry"]: r for r in result["leaderboard"]["rows"] if r["kind"] == "model"}
+    confirm_runs = {t["run_id"]: t for t in result["confirm"]}
+    verdicts = []
     for name in names:
         versions = [m for m in models if m["name"] == name]
-        assert versions and versions[0]["tags"]["dataset_id"] == "2e576f95bab2c034"
-        assert versions[0]["tags"]["metric"] == "val_cosine_seed"
-        assert any("champion" in m["aliases"] for m in versions)
-        model = modelstore.load_model(f"models:/{name}@champion", mlflow_server)  # weights + spec
+        assert len(versions) == 1 and versions[0]["tags"]["dataset_id"] == "2e576f95bab2c034"
+        v = versions[0]
+        assert v["tags"]["metric"] == "val_cosine_seed"
+        arch = v["tags"]["arch"]
+        assert v["run_id"] in confirm_runs and v["tags"]["archlab.stage"] == "confirm"
+        assert v["tags"]["archlab.verdict_vs_baseline"] == rows[arch]["vs_base"]
+        assert v["tags"]["archlab.best_baseline"] == result["leaderboard"]["best_baseline"] == "linear_average"
+        assert float(v["tags"]["archlab.eval_score"]) == pytest.approx(rows[arch]["mean"], abs=1e-6)  # confirm mean
+        verdicts.append(rows[arch]["vs_base"])
+        if rows[arch]["vs_base"] == "worse":
+            assert v["aliases"] == [] and "never champion" in v["tags"]["archlab.champion_decision"]
+        else:
+            assert v["aliases"] == ["champion"]
+        model = modelstore.load_model(f"models:/{name}/{v['version']}", mlflow_server)  # weights + spec
         docs = read_vector_docs([str(sample_dataset / "valid" / "part-00000.parquet")], 384)
         x = torch.as_tensor(np.stack([d[:6] for d in docs if len(d) >= 6]))
         pred = model(x[:, :-1])
         assert pred.shape == (len(x), 5, 384)
         torch.testing.assert_close(pred.norm(dim=-1), torch.ones(len(x), 5), atol=1e-4, rtol=0)
+    assert "worse" in verdicts, rows
 
 
 def test_leaderboard_has_every_arch_and_the_baselines(sweep_result):
@@ -95,7 +164,7 @@ def test_every_vector_trial_carries_its_window_level_ci_against_the_best_baselin
     c = MlflowClient(mlflow_server)
     parent = c.get_run(result["parent_run_id"]).data.metrics
     best = max((k for k in parent if k.startswith("baseline.") and k.endswith(".cosine")), key=parent.get)
-    for t in result["trials"]:
+    for t in result["trials"] + result["confirm"]:
         run = c.get_run(t["run_id"])
         m = run.data.metrics
         assert set(WINDOW_METRICS) <= set(m), sorted(m)

@@ -20,6 +20,7 @@ def test_smoke_sweep_includes_every_architecture(ray_local, tmp_path, sample_dat
         f"sweep.storage_path={tmp_path / 'runs'}", "sweep.name=zoo", f"sweep.archs=[{', '.join(archs)}]",
         f"sweep.num_samples={len(archs)}", "train.num_workers=1", "train.epochs=1",
         "train.max_steps_per_epoch=4", "data.max_valid_windows=64", "tracking.register_models=false",
+        "sweep.confirm.top_k=0",  # every arch runs; a confirm stage would double the CI time
     ], smoke_test=True)
     result = run_sweep(cfg)
     errors = {t["trial_id"]: t["error"] for t in result["trials"] if t["error"]}
@@ -45,7 +46,7 @@ def test_byte_lm_smoke_sweep_on_real_bytes(ray_local, tmp_path, shared_data):
         f"data.path={data}", "train.task=token", f"tracking.uri=sqlite:///{tmp_path}/m.db",
         f"sweep.storage_path={tmp_path / 'runs'}", "sweep.name=bytes", "sweep.archs=[lstm, transformer]",
         "sweep.num_samples=2", "train.num_workers=2", "data.seq_len=64", "data.max_valid_windows=128",
-        "train.lr=3e-3", "train.max_steps_per_epoch=20",
+        "train.lr=3e-3", "train.max_steps_per_epoch=20", "sweep.confirm.top_k=0",
     ], smoke_test=True)
     result = run_sweep(cfg)
     assert not [t for t in result["trials"] if t["error"]]

@@ -118,6 +118,26 @@ class TrainConfig(_Strict):
         return self
 
 
+class ConfirmConfig(_Strict):
+    """The confirm stage (docs/compare.md): after the search, the best `top_k` configs of
+    each architecture are retrained once per seed in `seeds`, the same list for every
+    architecture, so runs pair by seed (train.seed: init + data order). `top_k: 0`: no
+    confirm stage. `seeds: null`: train.seed + 1 .. train.seed + 3 (2 under smoke_test),
+    seeds the search (train.seed) did not select on (sweep.confirm_seeds)."""
+
+    top_k: int = Field(1, ge=0)
+    seeds: list[int] | None = None
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and not v:
+            raise ValueError("at least one seed is needed (null: the default seeds; top_k: 0 turns the stage off)")
+        if v is not None and len(set(v)) != len(v):
+            raise ValueError("seeds must be distinct (one confirm run per seed)")
+        return v
+
+
 class SweepConfig(_Strict):
     name: str = "archlab"
     archs: list[str] = Field(default_factory=lambda: ["lstm", "transformer"])
@@ -139,6 +159,7 @@ class SweepConfig(_Strict):
     # one more); TPE still samples each architecture's own space. tpe: every architecture
     # gets one trial, then TPE also chooses the architecture (a weak start can starve one).
     allocation: Literal["equal", "tpe"] = "equal"
+    confirm: ConfirmConfig = Field(default_factory=ConfirmConfig)
 
     @field_validator("archs")
     @classmethod

@@ -227,6 +227,60 @@ def trial_cfg(base: dict[str, Any], trial_config: dict[str, Any]) -> ArchlabConf
     return ArchlabConfig.model_validate(d)
 
 
+CONFIRM_KEY = "archlab_confirm"  # a confirm trial's Tune config: {CONFIRM_KEY: point (select_confirm)}
+CONFIRM_DIR = "confirm"  # the confirm stage's Tune run: <storage>/<sweep_id>/confirm
+
+
+def config_hash(cfg: ArchlabConfig) -> str:
+    """The `config_hash` tag: the resolved trial config without train.seed, so a search
+    trial and its confirm runs on other seeds share it (docs/compare.md)."""
+    import hashlib
+
+    d = cfg.to_dict()
+    d["train"].pop("seed", None)
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def confirm_seeds(cfg: ArchlabConfig) -> list[int]:
+    """The confirm stage's seeds, the same for every architecture: sweep.confirm.seeds, or
+    train.seed + 1 .. train.seed + 3 (2 under smoke_test). Not train.seed itself: the
+    search selected its winners on that seed, and retraining them on it would repeat the
+    selection's optimism instead of measuring the config."""
+    if cfg.sweep.confirm.seeds is not None:
+        return list(cfg.sweep.confirm.seeds)
+    n = 2 if cfg.smoke_test else 3
+    return [cfg.train.seed + i for i in range(1, n + 1)]
+
+
+def select_confirm(trials: list[dict[str, Any]], archs: list[str], top_k: int, seeds: list[int],
+                   metric: str, mode: str, sweep_id: str) -> list[dict[str, Any]]:
+    """The confirm stage's runs: per architecture (in `archs` order) its best `top_k`
+    distinct configs (by config_hash) among the search trials that finished without error
+    with a finite `metric`, each on every seed. Ties break by config hash, so a resumed
+    job picks the same. Ordered seed by seed, so a stage cut short leaves complete pairs.
+
+    A point's trial id, `<sweep_id>-c<hash>-s<seed>`, is a function of what it runs: never
+    a search trial id (Tune's), and the same again when a resumed job has to rebuild the
+    stage, so it finds its MLflow run and Train run back instead of duplicating them."""
+    sign = -1.0 if mode == "max" else 1.0
+    picked: list[dict[str, Any]] = []
+    for arch in archs:
+        ok = [t for t in trials if not t.get("error") and (t.get("config") or {}).get("arch") == arch
+              and t.get("config_hash") and isinstance(t["metrics"].get(metric), (int, float))
+              and math.isfinite(t["metrics"][metric])]
+        ok.sort(key=lambda t: (sign * t["metrics"][metric], t["config_hash"]))
+        seen: set[str] = set()
+        for t in ok:
+            if len(seen) >= top_k:
+                break
+            if t["config_hash"] not in seen:
+                seen.add(t["config_hash"])
+                picked.append(t)
+    return [{"trial_id": f"{sweep_id}-c{t['config_hash'][:8]}-s{seed}", "seed": seed, "arch": t["config"]["arch"],
+             "config": t["config"], "config_hash": t["config_hash"], "search_trial": str(t["trial_id"])}
+            for seed in seeds for t in picked]
+
+
 def define_space(trial, archs: list[str], smoke: bool, overrides: dict, task: str | None = None) -> None:
     """Optuna define-by-run space: first the architecture, then that architecture's own
     parameters (names prefixed by the arch, so TPE models each branch separately)."""
@@ -294,22 +348,33 @@ def train_driver_fn(trial_config: dict[str, Any], *, base: dict, ctx: dict, data
 
     tctx = tune.get_context()
     trial_id = tctx.get_trial_id()
+    point = trial_config.get(CONFIRM_KEY)
+    if point is not None:  # a confirm run: a search trial's config on one confirm seed
+        trial_id, trial_config = point["trial_id"], point["config"]
     name = f"train-trial_id={trial_id}"  # no timestamp: a restarted trial resumes its run
     record = {"trial_id": trial_id, "train_dir": str(Path(ctx["storage"]) / name), "run_id": None, "error": None}
     record_file = Path(tctx.get_trial_dir()) / TRIAL_FILE
     c = tracking.client(ctx["uri"])
+    stage_tags = {leaderboard_tags.TAG_STAGE: leaderboard_tags.STAGE_SEARCH}
+    if point is not None:
+        stage_tags = {leaderboard_tags.TAG_STAGE: leaderboard_tags.STAGE_CONFIRM,
+                      leaderboard_tags.TAG_CONFIRM_SEED: str(point["seed"]), "archlab.search_trial": point["search_trial"]}
     try:
         cfg = trial_cfg(base, trial_config)
+        if point is not None:
+            cfg.train.seed = int(point["seed"])  # init and data order (train.py)
         check_model_builds(cfg, ctx["data_info"])
     except TERMINAL_ERRORS as e:  # a sampled combination the architecture refuses
         arch = trial_config.get("arch", "?")
         record["run_id"] = tracking.child_run(c, ctx["experiment_id"], ctx["parent_run_id"], ctx["sweep_id"],
-                                              trial_id, arch, {"arch": arch, "trial_config": trial_config})
+                                              trial_id, arch, {"arch": arch, "trial_config": trial_config},
+                                              tags=stage_tags)
         return _trial_failed(c, record, record_file, ctx["metric"], describe(e))
     params = {"arch": cfg.model.arch, "trial_id": trial_id, **cfg.to_dict(),
               "data": {**cfg.to_dict()["data"], "dataset_id": ctx["data_info"]["dataset_id"]}}
     record["run_id"] = tracking.child_run(c, ctx["experiment_id"], ctx["parent_run_id"], ctx["sweep_id"],
-                                          trial_id, cfg.model.arch, params)
+                                          trial_id, cfg.model.arch, params,
+                                          tags={**stage_tags, leaderboard_tags.TAG_CONFIG_HASH: config_hash(cfg)})
     record_file.write_text(json.dumps(record))
     done = latest_checkpoint(record["train_dir"])
     if done is not None and done[1].get("epoch", 0) >= cfg.train.epochs:
@@ -456,6 +521,7 @@ def run_sweep(cfg: ArchlabConfig, resume: bool = False, progress=None, verbose: 
     c = tracking.client(job.uri)
     parent_id = tracking.parent_run(c, job.experiment_id, sweep_id, {
         **cfg.to_dict(), "data": {**cfg.to_dict()["data"], "dataset_id": job.info.dataset_id},
+        "confirm_seeds": confirm_seeds(cfg) if cfg.sweep.confirm.top_k else [],
     }, job_id=rec["job_id"], run_id=rec["parent_run_id"])
     rec["parent_run_id"] = parent_id
     _write_job_record(job.storage, rec)
@@ -505,16 +571,53 @@ def _run_tuner(cfg: ArchlabConfig, job: Job, sweep_id: str, parent_id: str, resu
     _say_where_logs_go(job.storage, sweep_id, verbose)
     grid = tuner.fit()
     trials = [_trial_outcome(result, job, parent_id) for result in grid]
-    decisions = finalize(job, [t for t in trials if t.get("spec") and not t.get("error")], role_parent=parent_id)
-    from archlab.platform.leaderboard import leaderboard
-
-    board = leaderboard(job.uri, job.experiment_id, parent_id, metric, mode)
+    ok = [t for t in trials if t.get("spec") and not t.get("error")]
+    log_final_models(job, ok)  # before the confirm stage: a kill there keeps the search's models
+    confirm = _run_confirm(cfg, job, sweep_id, parent_id, resume, trainable, ok, verbose, progress)
+    confirm_ok = [t for t in confirm if t.get("spec") and not t.get("error")]
+    log_final_models(job, confirm_ok)
+    decisions, board = finalize(job, [*ok, *confirm_ok], parent_id, models_logged=True)
     n_errors = sum(1 for t in trials if t.get("error"))
-    tracking.log_metrics(c, parent_id, {"n_trials": len(trials), "n_errors": n_errors})
+    tracking.log_metrics(c, parent_id, {"n_trials": len(trials), "n_errors": n_errors, "n_confirm_runs": len(confirm),
+                                        "n_confirm_errors": sum(1 for t in confirm if t.get("error"))})
     c.log_text(parent_id, board["markdown"], "leaderboard.md")
     tracking.end_run(c, parent_id, "FINISHED")
-    return {"sweep_id": sweep_id, "parent_run_id": parent_id, "trials": trials, "registry": decisions,
-            "leaderboard": board, "experiment_id": job.experiment_id, "tracking_uri": job.uri}
+    return {"sweep_id": sweep_id, "parent_run_id": parent_id, "trials": trials, "confirm": confirm,
+            "registry": decisions, "leaderboard": board, "experiment_id": job.experiment_id,
+            "tracking_uri": job.uri}
+
+
+def _run_confirm(cfg: ArchlabConfig, job: Job, sweep_id: str, parent_id: str, resume: bool, trainable,
+                 search: list[dict[str, Any]], verbose: bool = False, progress=None) -> list[dict[str, Any]]:
+    """The confirm stage: select_confirm's runs (each a search config on one confirm seed)
+    as a second Tune run of train_driver_fn, every trial to train.epochs (no searcher, no
+    early stopping), in `<storage>/<sweep_id>/confirm`. `--resume` restores that run
+    (errored trials retried, finished ones kept) like the search's; a job killed before
+    the stage saved its state rebuilds the same points, whose trial ids find their runs."""
+    from ray import tune
+
+    points = select_confirm(search, list(cfg.sweep.archs), cfg.sweep.confirm.top_k, confirm_seeds(cfg),
+                            *cfg.metric(), sweep_id)
+    if not points:
+        return []
+    metric, mode = cfg.metric()
+    storage = f"{job.storage.rstrip('/')}/{sweep_id}"
+    path = f"{storage}/{CONFIRM_DIR}"
+    if resume and tune.Tuner.can_restore(path):
+        tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
+    else:
+        n_conc = max(1, min(max_concurrent_trials(cfg), len(points)))
+        tuner = tune.Tuner(
+            trainable,
+            param_space={CONFIRM_KEY: tune.grid_search(points)},
+            tune_config=tune.TuneConfig(metric=metric, mode=mode, max_concurrent_trials=n_conc),
+            run_config=tune.RunConfig(name=CONFIRM_DIR, storage_path=storage,
+                                      failure_config=tune.FailureConfig(max_failures=1),
+                                      verbose=1 if verbose else 0, callbacks=[_progress(cfg, progress)]),
+        )
+    print(f"confirm stage: {len(points)} runs ({cfg.sweep.confirm.top_k} config(s) per architecture x "
+          f"seeds {', '.join(map(str, confirm_seeds(cfg)))})", flush=True)
+    return [_trial_outcome(result, job, parent_id) for result in tuner.fit()]
 
 
 def _progress(cfg: ArchlabConfig, out=None):
@@ -561,6 +664,17 @@ def _trial_outcome(result, job: Job, parent_id: str) -> dict[str, Any]:
     error = rec.get("error") or (repr(result.error) if result.error else None)
     metrics = dict(result.metrics or {})
     out = {"trial_id": trial_id, "metrics": metrics, "run_id": run_id, "error": error}
+    config = dict(result.config or {})
+    point = config.get(CONFIRM_KEY)
+    if point is not None:
+        out.update(stage=leaderboard_tags.STAGE_CONFIRM, confirm_seed=int(point["seed"]),
+                   config=point["config"], config_hash=point["config_hash"])
+    else:
+        try:  # the hash the trial's run is tagged with (train_driver_fn)
+            h = config_hash(trial_cfg(job.cfg.to_dict(), config))
+        except Exception:  # a config the platform refuses: an errored trial, never confirmed
+            h = None
+        out.update(stage=leaderboard_tags.STAGE_SEARCH, config=config, config_hash=h)
     found = latest_checkpoint(rec["train_dir"], epoch_end=True) if rec.get("train_dir") else None
     if found is not None:
         ckpt, ckpt_metrics = found
@@ -656,22 +770,21 @@ def _window_comparison(model, job: Job, base_scores: dict[str, np.ndarray]) -> d
     return window_comparison(window_scores(model, job.valid_windows, "vector"), base_scores, mode="max")
 
 
-def finalize(job: Job, trials: list[dict[str, Any]], role_parent: str | None = None) -> list[dict[str, Any]]:
-    """Log every trial's final model to its run; register the best trial per architecture
-    and move `champion` only if it beats the current one on the same windows.
+def log_final_models(job: Job, trials: list[dict[str, Any]]) -> None:
+    """Log every trial's final model to its run, with its final metrics (latency, and for
+    vectors retrieval, collapse check and the window-level comparison with the best
+    baseline). Sets t["model"], t["model_uri"] and updates t["metrics"].
 
     Idempotent for a resumed job: a run whose model is already logged (tag
-    archlab.model_uri) is not logged again, and a run already registered under a name
-    gets no second version. A trial whose checkpoint does not load is an error."""
+    archlab.model_uri) is not logged again. A trial whose checkpoint does not load is an
+    error (its run FAILED)."""
     cfg = job.cfg
-    metric, mode = cfg.metric()
     c = tracking.client(job.uri)
     example = job.valid_windows[:2, :-1]
     example = example.astype(np.float32 if cfg.train.task == "vector" else np.int64)
-    best: dict[str, dict[str, Any]] = {}
     base_scores = None  # the baselines' per-window scores, computed once, when first needed
     for t in trials:
-        if t.get("run_id") is None:
+        if t.get("run_id") is None or t.get("model_uri"):
             continue
         try:
             t["model"] = _load_trial_model(t)
@@ -698,34 +811,114 @@ def finalize(job: Job, trials: list[dict[str, Any]], role_parent: str | None = N
             tracking.log_metrics(c, t["run_id"], final)
             c.set_tag(t["run_id"], TAG_MODEL_URI, t["model_uri"])
         t["metrics"].update(final)
-        score = t["metrics"].get(metric)
-        if score is None or (isinstance(score, float) and math.isnan(score)):
-            continue
-        arch = t["spec"]["arch"]
-        cur = best.get(arch)
-        if cur is None or (score > cur["metrics"][metric] if mode == "max" else score < cur["metrics"][metric]):
-            best[arch] = t
-    decisions = []
+
+
+def finalize(job: Job, trials: list[dict[str, Any]], parent_id: str,
+             models_logged: bool = False) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Log every trial's final model and window comparison (log_final_models, unless
+    `models_logged`), then build the leaderboard from MLflow (verdicts against the best
+    baseline), then register per architecture (register_models), which needs those
+    verdicts. Returns (registry decisions, leaderboard). Idempotent for a resumed job."""
+    from archlab.platform.leaderboard import leaderboard
+
+    if not models_logged:
+        log_final_models(job, trials)
+    board = leaderboard(job.uri, job.experiment_id, parent_id, *job.cfg.metric())
+    return register_models(job, [t for t in trials if t.get("model_uri") and not t.get("error")], board), board
+
+
+def _finite_score(t: dict[str, Any], metric: str) -> float | None:
+    v = t["metrics"].get(metric)
+    return float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None
+
+
+def registry_candidates(trials: list[dict[str, Any]], metric: str, mode: str,
+                        seeds: list[int] | None = None) -> dict[str, dict[str, Any]]:
+    """Per architecture, what the registry gets: {"trial", "score", "n", "stage"}.
+
+    With confirm runs: the config with the best mean over its confirm seeds (ties by
+    config hash), registered from its run on the first seed (by `seeds` order, else the
+    lowest): a run not picked for its own score; "score" is that mean, "n" its seeds.
+    Without: the best search trial, "score" None (register_and_maybe_promote evaluates it)."""
+    sign = -1.0 if mode == "max" else 1.0
+    order = {s: i for i, s in enumerate(seeds or [])}
+    out: dict[str, dict[str, Any]] = {}
+    by_arch: dict[str, list[dict[str, Any]]] = {}
+    for t in trials:
+        if _finite_score(t, metric) is not None:
+            by_arch.setdefault(t["spec"]["arch"], []).append(t)
+    for arch, ts in sorted(by_arch.items()):
+        confirm = [t for t in ts if t.get("stage") == leaderboard_tags.STAGE_CONFIRM]
+        if confirm:
+            groups: dict[str, list[dict[str, Any]]] = {}
+            for t in confirm:
+                groups.setdefault(t["config_hash"], []).append(t)
+            means = {h: sum(_finite_score(t, metric) for t in g) / len(g) for h, g in groups.items()}
+            h = min(sorted(means), key=lambda k: sign * means[k])
+            g = sorted(groups[h], key=lambda t: (order.get(t["confirm_seed"], len(order)), t["confirm_seed"]))
+            out[arch] = {"trial": g[0], "score": means[h], "n": len(g), "stage": leaderboard_tags.STAGE_CONFIRM,
+                         "seeds": [t["confirm_seed"] for t in g]}
+        else:
+            best = min(ts, key=lambda t: (sign * _finite_score(t, metric), str(t["trial_id"])))
+            out[arch] = {"trial": best, "score": None, "n": 1, "stage": leaderboard_tags.STAGE_SEARCH, "seeds": []}
+    return out
+
+
+TAG_VERDICT = "archlab.verdict_vs_baseline"  # better | tie | worse | none (no test possible)
+
+
+def register_models(job: Job, trials: list[dict[str, Any]], board: dict[str, Any]) -> list[dict[str, Any]]:
+    """Register each architecture's candidate (registry_candidates) with its verdict
+    against the best baseline from `board` (the leaderboard's: by seed over confirm runs,
+    by window for a single run), and move `champion` to it only when it beats the current
+    champion on the same windows, by the confirm mean when there are confirm runs. A
+    version whose verdict is `worse` is registered but never champion.
+
+    Idempotent for a resumed job: a run already registered under a name gets no second
+    version."""
+    cfg = job.cfg
+    metric, mode = cfg.metric()
+    c = tracking.client(job.uri)
+    decisions: list[dict[str, Any]] = []
     if not cfg.tracking.register_models:
         return decisions
-    for arch, t in sorted(best.items()):
+    rows = {r["entry"]: r for r in board.get("rows", []) if r.get("kind") == "model"}
+    for arch, cand in registry_candidates(trials, metric, mode, confirm_seeds(cfg)).items():
+        t = cand["trial"]
         name = f"{cfg.tracking.registry_prefix}-{cfg.train.task}-{arch}"
         done = _registered_version(c, name, t["run_id"])
         if done is not None:
             tags = done.tags or {}
             d = {"name": name, "version": done.version, "score": float(tags.get("archlab.eval_score", "nan")),
-                 "promoted": CHAMPION_ALIAS in (done.aliases or []),
+                 "promoted": CHAMPION_ALIAS in (done.aliases or []), "verdict": tags.get(TAG_VERDICT, ""),
                  "reason": f"already registered before the resume ({tags.get('archlab.champion_decision', '')})"}
             decisions.append(d)
             continue
+        row = rows.get(arch, {})
+        verdict = row.get("vs_base") or "none"
+        p_adj = row.get("p_base_adj")
+        p_txt = f"{p_adj:.4g}" if isinstance(p_adj, float) and math.isfinite(p_adj) else ""
+        base = board.get("best_baseline") or ""
         tags = {
             "arch": arch, "task": cfg.train.task, "dataset_id": job.info.dataset_id,
             "dataset": job.info.name, "metric": metric, "metric_value": f"{t['metrics'][metric]:.6f}",
             "run_id": t["run_id"], "trial_id": str(t["trial_id"]), "flavor": t["spec"]["flavor"],
+            "archlab.stage": cand["stage"], TAG_VERDICT: verdict, "archlab.verdict_p_adj": p_txt,
+            "archlab.verdict_by": row.get("vs_base_by") or "", "archlab.best_baseline": base,
         }
+        if t.get("config_hash"):
+            tags["archlab.config_hash"] = t["config_hash"]
+        if cand["stage"] == leaderboard_tags.STAGE_CONFIRM:
+            tags.update({"archlab.confirm_mean": f"{cand['score']:.6f}", "archlab.confirm_n": str(cand["n"]),
+                         "archlab.confirm_seeds": ",".join(map(str, cand["seeds"]))})
+        blocked = None
+        if verdict == "worse":
+            blocked = (f"never champion: verdict worse than the best baseline {base} "
+                       f"(by {row.get('vs_base_by') or '?'}, Holm-adjusted p {p_txt or '-'})")
         d = tracking.register_and_maybe_promote(job.uri, t["model_uri"], name, tags=tags,
                                                 candidate=t["model"], windows=job.valid_windows,
-                                                task=cfg.train.task)
+                                                task=cfg.train.task, score=cand["score"], blocked=blocked)
+        d["verdict"] = verdict
         decisions.append(d)
         log.info("registered %s v%s (%s)", name, d["version"], d.get("reason"))
     return decisions
@@ -756,7 +949,9 @@ def _train_one(cfg: ArchlabConfig, job: Job, sweep_id: str, parent_id: str, verb
     _log_baselines(c, parent_id, job.baselines)
     run_id = tracking.child_run(c, job.experiment_id, parent_id, sweep_id, sweep_id, cfg.model.arch,
                                 {"arch": cfg.model.arch, **cfg.to_dict(),
-                                 "data": {**cfg.to_dict()["data"], "dataset_id": job.info.dataset_id}})
+                                 "data": {**cfg.to_dict()["data"], "dataset_id": job.info.dataset_id}},
+                                tags={leaderboard_tags.TAG_STAGE: leaderboard_tags.STAGE_SEARCH,
+                                      leaderboard_tags.TAG_CONFIG_HASH: config_hash(cfg)})
     from archlab.platform.progress import RunFollower
 
     _say_where_logs_go(job.storage, sweep_id, verbose)
@@ -775,16 +970,13 @@ def _train_one(cfg: ArchlabConfig, job: Job, sweep_id: str, parent_id: str, verb
         trial["checkpoint"] = found[0]
         trial["metrics"] = metrics = {**metrics, **found[1]}
         trial["spec"] = json.loads(Path(found[0], "model_spec.json").read_text())
-    decisions = finalize(job, [trial] if "spec" in trial else [])
+    decisions, board = finalize(job, [trial] if "spec" in trial else [], parent_id)
     if trial.get("error") or "spec" not in trial:
         reason = trial.get("error") or f"no loadable checkpoint under {Path(job.storage) / sweep_id}"
         tracking.end_run(c, run_id, "FAILED", reason)
         raise TrialFailed(reason)
     tracking.end_run(c, run_id, "FINISHED")
-    metric, mode = cfg.metric()
-    from archlab.platform.leaderboard import leaderboard
-
-    board = leaderboard(job.uri, job.experiment_id, parent_id, metric, mode)
+    board = leaderboard_tags.leaderboard(job.uri, job.experiment_id, parent_id, *cfg.metric())  # the run FINISHED
     tracking.end_run(c, parent_id, "FINISHED")
     return {"sweep_id": sweep_id, "parent_run_id": parent_id, "run_id": run_id, "metrics": metrics,
             "registry": decisions, "leaderboard": board, "tracking_uri": job.uri}

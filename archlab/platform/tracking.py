@@ -11,8 +11,10 @@ Rules (DESIGN.md):
   text in the `archlab.error` tag) or KILLED;
 - params are flattened with dotted keys; what changes during a run (lr, epoch) is a metric;
 - the best trial per (architecture, task, dataset) is registered as a model version with
-  tags, and gets the `champion` alias only when it beats the current champion on the same
-  validation windows (both are evaluated here, side by side).
+  tags (with a confirm stage: the best config by its mean over the confirm seeds), and
+  gets the `champion` alias only when it beats the current champion on the same
+  validation windows (the champion evaluated here; the candidate by its confirm mean, or
+  evaluated beside it), and never when its verdict against the best baseline is `worse`.
 """
 
 from __future__ import annotations
@@ -94,23 +96,29 @@ def parent_run(c, exp_id: str, sweep_id: str, params: dict[str, Any], *, job_id:
     return run.info.run_id
 
 
-def child_run(c, exp_id: str, parent_id: str, sweep_id: str, trial_id: str, arch: str, params: dict) -> str:
+def child_run(c, exp_id: str, parent_id: str, sweep_id: str, trial_id: str, arch: str, params: dict,
+              tags: dict[str, str] | None = None) -> str:
     """Exactly one child run per trial under its parent: a restarted trial (or a trial of
     a resumed job) gets its run back; the parent id is the job's own, so runs of another
-    job with the same sweep and trial ids are never matched."""
+    job with the same sweep and trial ids are never matched. `tags`: extra tags (stage,
+    confirm_seed, config_hash: docs/compare.md), set again on a run found back."""
     found = _find_runs(
         c, exp_id, f"tags.`{TAG_TRIAL}` = '{trial_id}' and tags.`mlflow.parentRunId` = '{parent_id}'", 1
     )
     if found:
         run_id = found[0].info.run_id
         c.update_run(run_id, status="RUNNING")
+        for k, v in (tags or {}).items():
+            if found[0].data.tags.get(k) != str(v):
+                c.set_tag(run_id, k, str(v))
         return run_id
     job_id = c.get_run(parent_id).data.tags.get(TAG_JOB, "")
     run = c.create_run(
         exp_id,
         run_name=f"trial-{trial_id}",
         tags={"mlflow.parentRunId": parent_id, TAG_TRIAL: trial_id, TAG_ARCH: arch,
-              TAG_SWEEP: sweep_id, TAG_ROLE: "trial", TAG_JOB: job_id},
+              TAG_SWEEP: sweep_id, TAG_ROLE: "trial", TAG_JOB: job_id,
+              **{k: str(v) for k, v in (tags or {}).items()}},
     )
     log_params(c, run.info.run_id, params)
     return run.info.run_id
@@ -196,9 +204,18 @@ def register_and_maybe_promote(
     candidate,
     windows: np.ndarray,
     task: str,
+    score: float | None = None,
+    blocked: str | None = None,
 ) -> dict[str, Any]:
     """Register `model_uri` as a new version of `name`; move `champion` to it only when it
-    beats the current champion on the same windows. Returns what was decided."""
+    beats the current champion on the same windows. Returns what was decided.
+
+    `score`: the candidate's score when it is known better than one evaluation of
+    `candidate` gives it (the confirm stage's mean over seeds, on these windows); the
+    current champion is evaluated on `windows` as before. `blocked`: a reason the version
+    must never be champion (its verdict against the best baseline is `worse`): it is
+    registered, the alias stays where it is, and the reason goes into its
+    `archlab.champion_decision` tag."""
     import mlflow
 
     c = client(uri)
@@ -212,13 +229,15 @@ def register_and_maybe_promote(
     # by a tracking server.
     mv = mlflow.register_model(model_uri, name, tags=tags, await_registration_for=60)
     higher = task == "vector"
-    new_score = evaluate_windows(candidate, windows, task)
+    new_score = float(score) if score is not None else evaluate_windows(candidate, windows, task)
     decision = {"name": name, "version": mv.version, "score": new_score, "promoted": False}
     try:
         current = c.get_model_version_by_alias(name, CHAMPION)
     except Exception:
         current = None
-    if current is None:
+    if blocked:
+        decision["reason"] = blocked
+    elif current is None:
         decision.update(promoted=True, reason="no champion yet")
     else:
         try:
