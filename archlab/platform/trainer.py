@@ -272,7 +272,10 @@ class Trainer:
         self.train_time_s = 0.0  # training only, summed over evaluation intervals and restarts
         # compute accounting (docs/compute.md): cumulative over the run, restarts included
         self.world = world_size()
-        self.samples_seen = 0  # training windows over all workers (equal batches: no sync)
+        # training windows of the optimizer steps taken, over all workers (equal batches, no
+        # sync); a pass's last incomplete accumulation, dropped, is not counted
+        self.samples_seen = 0
+        self._pending = 0  # windows of the accumulation in progress
         self.flops_per_sample = float(flops_per_sample)
         self.peak_flops = math.nan  # one worker's measured matmul peak (measure_peak)
         self._peak_total = math.nan  # the sum over workers: what mfu divides by
@@ -355,7 +358,7 @@ class Trainer:
         self._micro += 1
         n = self._batch_size(batch)
         self._samples += n
-        self.samples_seen += n * self.world  # every worker trains an equal batch (drop_last)
+        self._pending += n * self.world  # every worker trains an equal batch (drop_last)
         if not last:
             return False
         if self.cfg.train.grad_clip > 0:
@@ -364,6 +367,8 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
+        self.samples_seen += self._pending
+        self._pending = 0
         if self.step % self.check_every == 0:
             self.check_finite()
         return True
@@ -416,7 +421,9 @@ class Trainer:
         from archlab.platform import flops
 
         dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
-        self.peak_flops = flops.matmul_peak_flops(self.device, dtype, seconds=seconds)
+        # 512^3 on CPU: ~30 ms a matmul on one thread, so the probe stays near `seconds`
+        n = 512 if self.device.type == "cpu" else 1024
+        self.peak_flops = flops.matmul_peak_flops(self.device, dtype, seconds=seconds, n=n)
         self._peak_total = all_reduce_sums({"peak": self.peak_flops}, self.device)["peak"]
         return self.peak_flops
 
@@ -527,6 +534,7 @@ class Trainer:
                     break
         if ran_out:  # an accumulation left incomplete at the end is dropped, as before the Trainer
             self.optimizer.zero_grad(set_to_none=True)
+            self._pending = 0
         self._pause()
         return ran_out, self.step - steps0
 
