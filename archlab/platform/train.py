@@ -199,6 +199,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     valid_shard = ray.train.get_dataset_shard("valid")
     # the full-context windows, given for a vector data.context > 5 (data.valid_window_lengths)
     valid_ctx_shard = ray.train.get_dataset_shard("valid_ctx") if data_info.get("valid_ctx") else None
+
     def passes(epoch: int):
         if cfg.train.fail_once_at_epoch == epoch and not restored:
             # fault injection for restart tests: fails only on a run that did not resume
