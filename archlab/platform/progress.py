@@ -30,15 +30,15 @@ UNITS = {"epoch": "epoch", "samples_seen": "samples", "train_flops": "FLOPs", "t
 
 
 def _amount(v: float) -> str:
-    """12 -> "12", 1.5e12 -> "1.5T", 61.3 -> "61": short budget amounts."""
+    """12 -> "12", 61.3 -> "61.3", 1.5e12 -> "1.5T": short budget amounts (2 significant
+    digits from 1000 on)."""
     if abs(v) < 1000:
         return f"{v:g}" if float(v).is_integer() else f"{v:.3g}"
-    for suffix, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(v) >= scale or suffix == "k":
-            if abs(v) >= 1000 * scale and suffix != "P":
-                continue
-            return f"{v / scale:.2g}{suffix}" if v / scale < 10 else f"{v / scale:.0f}{suffix}"
-    return f"{v:g}"
+    for suffix, scale in (("k", 1e3), ("M", 1e6), ("G", 1e9), ("T", 1e12), ("P", 1e15)):
+        x = float(f"{v / scale:.2g}")
+        if abs(x) < 1000 or suffix == "P":
+            return f"{x:g}{suffix}"
+    return f"{v:g}"  # unreachable
 
 
 def progress_line(trial_id: str, arch: str, status: str, done: float, total: float,
