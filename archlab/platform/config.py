@@ -71,9 +71,36 @@ class ModelConfig(BaseModel):
         return {**self.params, **(self.model_extra or {})}
 
 
+BUDGET_KINDS = ("epochs", "samples", "flops", "seconds")
+
+
+class BudgetConfig(_Strict):
+    """What one training run may spend (docs/compute.md). epochs: passes over the data
+    (value = train.epochs, evaluations at epoch ends: today's behaviour); samples: training
+    windows over all workers; flops: counted training FLOPs (flops_per_sample x samples);
+    seconds: training wall time (train_time_s). Samples and flops runs stop at the first
+    optimizer step whose cumulative count reaches the value, looping over the data as often
+    as that takes."""
+
+    kind: str = "epochs"
+    value: float | None = None  # epochs: None = train.epochs; the other kinds need a value
+
+    @field_validator("kind")
+    @classmethod
+    def _kind(cls, v: str) -> str:
+        if v not in BUDGET_KINDS:
+            raise ValueError(f"train.budget.kind: expected one of {', '.join(BUDGET_KINDS)}, found {v!r}")
+        return v
+
+
 class TrainConfig(_Strict):
     task: Literal["vector", "token"] = "vector"
     epochs: int = Field(4, ge=1)
+    # None: {kind: epochs, value: train.epochs}; see BudgetConfig and budget_kind/budget_value
+    budget: BudgetConfig | None = None
+    # evaluations per run on the budget grid value * i / evals, i = 1..evals (kinds other
+    # than epochs; None = 8). kind=epochs evaluates at every epoch end, as before.
+    evals: int | None = Field(None, ge=1)
     batch_size: int = Field(32, ge=1)
     lr: float = Field(5e-4, gt=0)
     weight_decay: float = Field(0.01, ge=0)
@@ -115,7 +142,47 @@ class TrainConfig(_Strict):
             raise ValueError(
                 f"train.warmup_steps={self.warmup_steps} and train.warmup_frac={self.warmup_frac}: set one of them, not both"
             )
+        self._check_budget()
         return self
+
+    def _check_budget(self) -> None:
+        b = self.budget or BudgetConfig()
+        if b.kind == "epochs":
+            if b.value is not None and b.value != self.epochs:
+                raise ValueError(
+                    f"train.budget.value: with kind=epochs it is train.epochs; expected {self.epochs} (or no value), "
+                    f"found {b.value:g} (set train.epochs instead)"
+                )
+            if self.evals is not None and self.evals != self.epochs:
+                raise ValueError(
+                    f"train.evals: with train.budget.kind=epochs the evaluations are the epoch ends; expected "
+                    f"{self.epochs} (or none), found {self.evals}"
+                )
+            return
+        if b.value is None or not (b.value > 0) or b.value == float("inf"):
+            raise ValueError(f"train.budget.value: expected a finite number > 0 for kind={b.kind}, found {b.value!r}")
+        if b.kind == "seconds" and (self.scheduler == "cosine" or self.warmup_frac):
+            found = f"scheduler={self.scheduler}" if self.scheduler == "cosine" else f"warmup_frac={self.warmup_frac}"
+            raise ValueError(
+                "train.budget.kind=seconds: the run's step count is not known in advance, so the LR schedule cannot "
+                f"end on it; expected train.scheduler plateau|constant|none and train.warmup_steps, found train.{found}"
+            )
+
+    @property
+    def budget_kind(self) -> str:
+        return self.budget.kind if self.budget is not None else "epochs"
+
+    @property
+    def budget_value(self) -> float:
+        """The budget in its unit (epochs: train.epochs)."""
+        if self.budget is None or self.budget.value is None:
+            return float(self.epochs)
+        return float(self.budget.value)
+
+    @property
+    def n_evals(self) -> int:
+        """Evaluations per run: epochs for kind=epochs, else train.evals (default 8)."""
+        return self.epochs if self.budget_kind == "epochs" else (self.evals or 8)
 
 
 class ConfirmConfig(_Strict):

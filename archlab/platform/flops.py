@@ -213,7 +213,9 @@ def matmul_peak_flops(device: torch.device | str = "cpu", dtype: torch.dtype = t
         elapsed = time.perf_counter() - t0
         if elapsed >= seconds:
             break
-        batch = min(batch * 2, 64)  # fewer syncs once one matmul is known to be fast
+        # fewer syncs once one matmul is known to be fast, but never past the time asked
+        # for by more than about one matmul (a slow CPU thread takes ~0.2 s per matmul)
+        batch = max(1, min(batch * 2, 64, int((seconds - elapsed) / (elapsed / iters))))
     peak = 2.0 * n**3 * iters / elapsed
     if not math.isfinite(peak) or peak <= 0:
         raise RuntimeError(f"matmul_peak_flops: measured {peak} FLOP/s on {device} ({dtype})")

@@ -24,21 +24,37 @@ ABBREV = {
 }
 
 BAR = 8  # characters of the budget bar
+WIDTH = 100
+# the budget's unit as the line names it (ASHA's time attribute -> label)
+UNITS = {"epoch": "epoch", "samples_seen": "samples", "train_flops": "FLOPs", "train_time_s": "sec"}
+
+
+def _amount(v: float) -> str:
+    """12 -> "12", 61.3 -> "61.3", 1.5e12 -> "1.5T": short budget amounts (2 significant
+    digits from 1000 on)."""
+    if abs(v) < 1000:
+        return f"{v:g}" if float(v).is_integer() else f"{v:.3g}"
+    for suffix, scale in (("k", 1e3), ("M", 1e6), ("G", 1e9), ("T", 1e12), ("P", 1e15)):
+        x = float(f"{v / scale:.2g}")
+        if abs(x) < 1000 or suffix == "P":
+            return f"{x:g}{suffix}"
+    return f"{v:g}"  # unreachable
 
 
 def progress_line(trial_id: str, arch: str, status: str, done: float, total: float,
                   metric: str, best: float | None, samples_per_s: float | None, unit: str = "epoch") -> str:
     """`  40976d68 lstm         RUNNING  epoch 1/4   [##------]  25% best cos_seed 0.3186 443 samples/s`
 
-    At most 100 characters for budgets up to 5 characters ("12/50") and 999,999 samples/s."""
+    `unit`: the budget's (ASHA's time attribute: epoch, samples_seen, train_flops,
+    train_time_s), amounts shortened (1.2T/5T FLOPs). Cut to 100 characters."""
     frac = min(max(done / total, 0.0), 1.0) if total else 0.0
     filled = round(frac * BAR)
     best_s = f"{best:.4f}" if best is not None else "-"
     sps = f"{samples_per_s:,.0f} samples/s" if samples_per_s is not None else ""
-    done_s = f"{done:g}/{total:g}"
-    return (f"  {str(trial_id):<8} {arch[:12]:<12} {status[:8]:<8} {unit} {done_s:<5} "
+    done_s = f"{done:g}/{total:g}" if unit == "epoch" else f"{_amount(done)}/{_amount(total)}"
+    return (f"  {str(trial_id):<8} {arch[:12]:<12} {status[:8]:<8} {UNITS.get(unit, unit)} {done_s:<5} "
             f"[{'#' * filled}{'-' * (BAR - filled)}] {frac * 100:3.0f}% best {ABBREV.get(metric, metric)} "
-            f"{best_s} {sps}").rstrip()
+            f"{best_s} {sps}").rstrip()[:WIDTH]
 
 
 def ray_log_dir() -> str | None:
@@ -159,7 +175,7 @@ class TrainProgress(UserCallback):
     """A Ray Train callback (it runs in Train's controller actor, not on the driver): hands
     rank 0's report to the driver's RunFollower through a queue actor."""
 
-    KEYS = ("epoch", "samples_per_s")
+    KEYS = ("epoch", "samples_per_s", "samples_seen", "train_flops", "train_time_s")
 
     def __init__(self, queue, metric: str):
         self.queue, self.metric = queue, metric
@@ -176,11 +192,14 @@ class RunFollower:
     """`archlab train` has no Tune loop on the driver: a thread prints a progress line for
     each report that TrainProgress forwards (pass `callback()` to the TorchTrainer)."""
 
-    def __init__(self, name: str, arch: str, metric: str, mode: str, epochs: int,
-                 out: Callable[[str], None] | None = None):
+    def __init__(self, name: str, arch: str, metric: str, mode: str, epochs: float,
+                 out: Callable[[str], None] | None = None, time_attr: str = "epoch"):
+        """`epochs`: the budget in `time_attr`'s unit (epochs, or samples_seen, train_flops,
+        train_time_s for a train.budget of another kind)."""
         from ray.util.queue import Queue
 
         self.name, self.arch, self.metric, self.mode, self.epochs = name, arch, metric, mode, epochs
+        self.time_attr = time_attr
         self.out = out or _print
         # num_cpus=0: a queue must never take a CPU a worker needs (3-CPU nodes, 2-CPU workers)
         self.queue = Queue(actor_options={"num_cpus": 0})
@@ -196,10 +215,10 @@ class RunFollower:
         value = report.get(self.metric)
         if isinstance(value, (int, float)) and value == value and _better(float(value), self.best, self.mode):
             self.best = float(value)
-        done = float(report.get("epoch", 0))
+        done = float(report.get(self.time_attr, 0))
         status = "FINISHED" if done >= self.epochs else "RUNNING"
         self.out(progress_line(self.name, self.arch, status, done, self.epochs, self.metric, self.best,
-                               report.get("samples_per_s")))
+                               report.get("samples_per_s"), unit=self.time_attr))
         self.lines += 1
 
     def _loop(self) -> None:

@@ -1,6 +1,7 @@
 """Ray's three layers (CONVENTIONS 9): train_fn_per_worker (train.py) -> train_driver_fn
 (one Tune trial = one TorchTrainer) -> Tuner(train_driver_fn) with Optuna TPE over a
-define-by-run space that first picks the architecture, and ASHA on the platform's epoch.
+define-by-run space that first picks the architecture, and ASHA on the run's budget
+(train.budget: epochs, samples, FLOPs or seconds; asha_scheduler).
 
 Everything that can be refused is refused here, on the driver, before any worker starts:
 the config, every architecture name and its search space, the data (manifest, shard
@@ -308,7 +309,8 @@ def latest_checkpoint(train_dir: str | Path, epoch_end: bool = False) -> tuple[s
             continue
         if epoch_end and metrics.get(MID_EPOCH):
             continue
-        key = (metrics.get("epoch", 0), d.name)
+        # evaluations on a budget grid share an epoch: the evaluation index, then the step
+        key = (metrics.get("eval", metrics.get("epoch", 0)), metrics.get("epoch", 0), metrics.get("step", 0), d.name)
         if best is None or key > best[0]:
             best = (key, str(d), metrics)
     return None if best is None else (best[1], best[2])
@@ -321,10 +323,11 @@ def backfill_epoch_metrics(c, run_id: str, ckpt_metrics: dict[str, Any]) -> bool
     logged. The run then shows the metrics of the model finalize logs."""
     from archlab.platform.train import MID_EPOCH
 
-    epoch = ckpt_metrics.get("epoch")
+    key = "eval" if "eval" in ckpt_metrics else "epoch"  # the MLflow step: the evaluation index
+    epoch = ckpt_metrics.get(key)
     if not isinstance(epoch, int) or ckpt_metrics.get(MID_EPOCH):
         return False
-    if any(m.step == epoch for m in c.get_metric_history(run_id, "epoch")):
+    if any(m.step == epoch for m in c.get_metric_history(run_id, key)):
         return False
     numeric = {k: float(v) for k, v in ckpt_metrics.items()
                if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
@@ -345,6 +348,7 @@ def train_driver_fn(trial_config: dict[str, Any], *, base: dict, ctx: dict, data
 
     from archlab.platform.failures import TERMINAL_ERRORS, TrialFailed, describe
     from archlab.platform.train import fit_trainer
+    from archlab.platform.trainer import run_complete
 
     tctx = tune.get_context()
     trial_id = tctx.get_trial_id()
@@ -377,7 +381,7 @@ def train_driver_fn(trial_config: dict[str, Any], *, base: dict, ctx: dict, data
                                           tags={**stage_tags, leaderboard_tags.TAG_CONFIG_HASH: config_hash(cfg)})
     record_file.write_text(json.dumps(record))
     done = latest_checkpoint(record["train_dir"])
-    if done is not None and done[1].get("epoch", 0) >= cfg.train.epochs:
+    if done is not None and not done[1].get("mid_epoch") and run_complete(cfg, done[1]):
         tune.report({**done[1], "checkpoint_path": done[0]})
         return
     try:
@@ -532,7 +536,6 @@ def run_sweep(cfg: ArchlabConfig, resume: bool = False, progress=None, verbose: 
 def _run_tuner(cfg: ArchlabConfig, job: Job, sweep_id: str, parent_id: str, resume: bool,
                verbose: bool = False, progress=None) -> dict[str, Any]:
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import ConcurrencyLimiter
 
     from archlab.platform.study import sweep_journal
@@ -557,9 +560,7 @@ def _run_tuner(cfg: ArchlabConfig, job: Job, sweep_id: str, parent_id: str, resu
             tune_config=tune.TuneConfig(
                 metric=metric, mode=mode,
                 search_alg=ConcurrencyLimiter(searcher, max_concurrent=n_conc),
-                scheduler=ASHAScheduler(time_attr="epoch", max_t=cfg.train.epochs,
-                                        grace_period=min(cfg.sweep.grace_period, cfg.train.epochs),
-                                        reduction_factor=cfg.sweep.reduction_factor),
+                scheduler=asha_scheduler(cfg),
                 num_samples=cfg.sweep.num_samples,
                 # the ConcurrencyLimiter above enforces n_conc; Tune ignores (and warns about)
                 # max_concurrent_trials when the searcher is already limited
@@ -620,12 +621,43 @@ def _run_confirm(cfg: ArchlabConfig, job: Job, sweep_id: str, parent_id: str, re
     return [_trial_outcome(result, job, parent_id) for result in tuner.fit()]
 
 
+# ASHA's time attribute per train.budget.kind: a metric every evaluation reports
+BUDGET_TIME_ATTR = {"epochs": "epoch", "samples": "samples_seen", "flops": "train_flops", "seconds": "train_time_s"}
+
+
+def asha_budget(cfg: ArchlabConfig) -> tuple[str, float, float]:
+    """(time_attr, max_t, grace_period) of the sweep's ASHA, in the budget's unit, so its
+    rungs compare architectures at equal compute. epochs: ("epoch", train.epochs,
+    min(sweep.grace_period, epochs)), as before budgets. Other kinds: max_t = the budget
+    value and sweep.grace_period counts evaluation points: grace = value x
+    min(grace_period, evals) / evals; the rungs are grace x reduction_factor^k, on
+    evaluation points when train.evals is grace_period x a power of reduction_factor
+    (default 8 evaluations, grace 1, factor 2: rungs at 1/8, 1/4, 1/2 of the budget)."""
+    t = cfg.train
+    if t.budget_kind == "epochs":
+        return "epoch", float(t.epochs), float(min(cfg.sweep.grace_period, t.epochs))
+    n = t.n_evals
+    return BUDGET_TIME_ATTR[t.budget_kind], t.budget_value, t.budget_value * min(cfg.sweep.grace_period, n) / n
+
+
+def asha_scheduler(cfg: ArchlabConfig):
+    """The sweep's ASHAScheduler on the budget (asha_budget)."""
+    from ray.tune.schedulers import ASHAScheduler
+
+    time_attr, max_t, grace = asha_budget(cfg)
+    if cfg.train.budget_kind == "epochs":  # integers, exactly as before budgets
+        max_t, grace = int(max_t), int(grace)
+    return ASHAScheduler(time_attr=time_attr, max_t=max_t, grace_period=grace,
+                         reduction_factor=cfg.sweep.reduction_factor)
+
+
 def _progress(cfg: ArchlabConfig, out=None):
     """The console's per-trial progress lines, on ASHA's time attribute and budget."""
     from archlab.platform.progress import trial_progress
 
     metric, mode = cfg.metric()
-    return trial_progress(metric, mode, time_attr="epoch", max_t=cfg.train.epochs,
+    time_attr, max_t, _ = asha_budget(cfg)
+    return trial_progress(metric, mode, time_attr=time_attr, max_t=int(max_t) if time_attr == "epoch" else max_t,
                           **({"out": out} if out is not None else {}))
 
 
@@ -956,7 +988,8 @@ def _train_one(cfg: ArchlabConfig, job: Job, sweep_id: str, parent_id: str, verb
 
     _say_where_logs_go(job.storage, sweep_id, verbose)
     try:
-        with RunFollower(sweep_id, cfg.model.arch, *cfg.metric(), epochs=cfg.train.epochs) as follower:
+        time_attr, max_t, _ = asha_budget(cfg)
+        with RunFollower(sweep_id, cfg.model.arch, *cfg.metric(), epochs=max_t, time_attr=time_attr) as follower:
             result = fit_trainer(cfg, job.datasets, job.data_info, name=sweep_id, storage=job.storage,
                                  tracking_uri=job.uri, run_id=run_id, callbacks=[follower.callback()])
     except TrialFailed as e:  # terminal: the run is FAILED with its reason, nothing is retried

@@ -3,9 +3,15 @@
 The step, the epoch, evaluation and the state dict are the Ray-free `Trainer`
 (archlab/platform/trainer.py). The worker here only adapts Ray to it: build the model,
 `prepare_model` (DDP: gloo on CPU, nccl on GPU), feed the worker's equal shard of Ray Data
-batches, report every epoch (and every `train.checkpoint_every_steps` optimizer steps)
-with a checkpoint, and let rank 0 log the epoch's metrics to the trial's MLflow run (an
-explicit run id made by the driver) through a background buffer (mlflow_buffer.py).
+batches, report every evaluation (epoch ends, or the train.budget grid: Trainer.fit; and
+every `train.checkpoint_every_steps` optimizer steps) with a checkpoint, and let rank 0
+log the evaluation's metrics to the trial's MLflow run (an explicit run id made by the
+driver, step = evaluation index) through a background buffer (mlflow_buffer.py).
+
+Compute accounting (docs/compute.md): each worker measures the model's flops_per_sample
+on a batch of the run's shape and its device's matmul peak once at start-up; every
+evaluation carries the cumulative samples_seen, train_flops, train_time_s and mfu, which
+the Trainer's state carries over a restart.
 
 Mid-epoch resume: the state holds the number of batches the epoch had trained on, and the
 resumed worker skips that many batches of the epoch's stream before training. With one
@@ -31,7 +37,7 @@ import torch.nn.functional as F
 from archlab.platform.config import ArchlabConfig
 from archlab.platform.trainer import all_reduce_sums as _all_reduce_sums  # noqa: F401 (kept importable)
 from archlab.platform.trainer import param_groups  # noqa: F401 (others import it from here)
-from archlab.platform.trainer import Trainer, planned_steps
+from archlab.platform.trainer import Trainer, example_batch, planned_steps
 from archlab.platform.trainer import unwrap as _unwrap  # noqa: F401
 
 log = logging.getLogger("archlab")
@@ -91,6 +97,16 @@ def _token_loss(model, x):
     # x: (B, L) int64; next-token cross-entropy at every position
     logits = model(x[:, :-1])  # (B, L-1, V)
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
+
+
+def _run_loss(cfg: ArchlabConfig):
+    """The vector loss training uses (its own matmuls, e.g. InfoNCE, are counted); None
+    for tokens (cross-entropy)."""
+    if cfg.train.task != "vector":
+        return None
+    from archlab.platform.losses import make_loss
+
+    return make_loss(cfg.train.loss)
 
 
 def load_state(path: str | Path, device="cpu") -> dict[str, Any]:
@@ -174,8 +190,17 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     model = build_from_spec(spec)
     n_params = sum(p.numel() for p in model.parameters())
     model = ray.train.torch.prepare_model(model)
-    trainer = Trainer(model, cfg, device=device, precision=precision, total_steps=planned_steps(cfg, data_info),
-                      tokens_per_byte=float(data_info.get("tokens_per_byte", 1.0)))
+    from archlab.platform import flops
+
+    # compute accounting, once per worker start: the model's training FLOPs per sample at
+    # the run's shape (cached per shape; before any DDP forward, so no all-reduce fires)
+    # and, after the Trainer exists, this device's matmul peak in the dtype that runs
+    fps = flops.flops_per_sample(model, example_batch(cfg, data_info, device), cfg.train.task,
+                                 loss_fn=_run_loss(cfg))
+    trainer = Trainer(model, cfg, device=device, precision=precision,
+                      total_steps=planned_steps(cfg, data_info, flops_per_sample=fps),
+                      tokens_per_byte=float(data_info.get("tokens_per_byte", 1.0)), flops_per_sample=fps)
+    trainer.measure_peak()
 
     restored = ray.train.get_checkpoint()
     if restored:
@@ -201,13 +226,16 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         buffer = MlflowBuffer(MlflowClient(config["tracking_uri"]), config["mlflow_run_id"])
         buffer.log_params({"precision": precision, "device": str(device.type), "world_size": world,
                            "n_params": n_params, "planned_steps": trainer.total_steps})
+        # metrics (docs/compare.md, "Per child run"); the peak again at each restart's step
+        buffer.log_metrics({"flops_per_sample": fps, "peak_flops": trainer.peak_flops}, step=trainer.evals_done)
 
     every = cfg.train.checkpoint_every_steps
     fail_at = cfg.train.fail_once_at_step
 
     def after_step(tr: Trainer) -> None:
-        if every and tr.step % every == 0:
-            _report(tr, spec, {MID_EPOCH: 1, "epoch": tr.epoch, "step": tr.step}, rank)
+        # a step that was just evaluated has its checkpoint already
+        if every and tr.step % every == 0 and tr.eval_step != tr.step:
+            _report(tr, spec, {MID_EPOCH: 1, "epoch": tr.epoch, "step": tr.step, "eval": tr.evals_done}, rank)
         if tr.step == fail_at and not restored:
             raise RuntimeError(f"injected failure after step {fail_at} (train.fail_once_at_step)")
 
@@ -215,34 +243,40 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     valid_shard = ray.train.get_dataset_shard("valid")
     # the full-context windows, given for a vector data.context > 5 (data.valid_window_lengths)
     valid_ctx_shard = ray.train.get_dataset_shard("valid_ctx") if data_info.get("valid_ctx") else None
+
+    def passes(epoch: int):
+        if cfg.train.fail_once_at_epoch == epoch and not restored:
+            # fault injection for restart tests: fails only on a run that did not resume
+            raise RuntimeError(f"injected failure at epoch {epoch} (train.fail_once_at_epoch)")
+        return train_shard.iter_torch_batches(
+            batch_size=cfg.train.batch_size,
+            local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
+            local_shuffle_seed=cfg.train.seed + epoch if cfg.data.shuffle_buffer else None,
+            drop_last=True,  # equal shards + equal batch counts: no DDP collective waits forever
+            prefetch_batches=2,  # keep windows ready while the step computes
+        )
+
+    def on_eval(tr: Trainer, metrics: dict[str, Any], last: bool) -> None:
+        nonlocal buffer
+        metrics["resumed_from_step"] = float(resumed_from_step)
+        if buffer is not None:
+            # MLflow step = evaluation index (kind epochs: the epoch, 1-based)
+            buffer.log_metrics(metrics, step=int(metrics["eval"]))
+            # Tune may stop the trial at this report (ASHA: at once at max_t), so the last
+            # evaluation's metrics are delivered first; earlier ones get a short, bounded wait
+            if last:
+                buffer.close()
+                buffer = None
+            else:
+                buffer.flush(FLUSH_BEFORE_REPORT_S)
+        _report(tr, spec, metrics, rank)
+
     try:
-        for epoch in range(trainer.epoch, cfg.train.epochs):
-            if cfg.train.fail_once_at_epoch == epoch and not restored:
-                # fault injection for restart tests: fails only on a run that did not resume
-                raise RuntimeError(f"injected failure at epoch {epoch} (train.fail_once_at_epoch)")
-            batches = train_shard.iter_torch_batches(
-                batch_size=cfg.train.batch_size,
-                local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
-                local_shuffle_seed=cfg.train.seed + epoch if cfg.data.shuffle_buffer else None,
-                drop_last=True,  # equal shards + equal batch counts: no DDP collective waits forever
-                prefetch_batches=2,  # keep windows ready while the step computes
-            )
-            metrics = trainer.train_epoch(
-                batches, valid_shard.iter_torch_batches(batch_size=256),
-                on_step=after_step if every or fail_at >= 0 else None,
-                valid_ctx_batches=valid_ctx_shard.iter_torch_batches(batch_size=256) if valid_ctx_shard else None,
-            )
-            metrics["resumed_from_step"] = float(resumed_from_step)
-            if buffer is not None:
-                buffer.log_metrics(metrics, step=epoch + 1)
-                # Tune may stop the trial at this report (ASHA: at once at max_t), so the last
-                # epoch's metrics are delivered first; earlier ones get a short, bounded wait
-                if epoch + 1 == cfg.train.epochs:
-                    buffer.close()
-                    buffer = None
-                else:
-                    buffer.flush(FLUSH_BEFORE_REPORT_S)
-            _report(trainer, spec, metrics, rank)
+        trainer.fit(
+            passes, lambda: valid_shard.iter_torch_batches(batch_size=256),
+            valid_ctx=(lambda: valid_ctx_shard.iter_torch_batches(batch_size=256)) if valid_ctx_shard else None,
+            on_step=after_step if every or fail_at >= 0 else None, on_eval=on_eval,
+        )
     except BaseException:
         if buffer is not None:  # the run failed: deliver what is queued, but do not hold the error long
             buffer.close(timeout_s=60.0)

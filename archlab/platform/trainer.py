@@ -73,14 +73,33 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     return groups
 
 
-def planned_steps(cfg: ArchlabConfig, data_info: dict[str, Any]) -> int:
-    """Optimizer steps the whole run is planned to take: epochs x steps per epoch, where
-    steps per epoch = train windows // workers // batch_size // grad_accum (each worker
-    gets an equal share and drops its last partial batch), capped by
-    train.max_steps_per_epoch. `data_info["train_windows"]` is counted on the driver from
-    the manifest (data.train_window_count: exact for vector windows at stride 1, an
-    estimate for other strides and packed tokens). 0 when unknown."""
+def samples_per_step(cfg: ArchlabConfig) -> int:
+    """Training windows one optimizer step consumes over all workers."""
     t = cfg.train
+    return t.batch_size * t.num_workers * t.grad_accum
+
+
+def planned_steps(cfg: ArchlabConfig, data_info: dict[str, Any], flops_per_sample: float = 0.0) -> int:
+    """Optimizer steps the whole run is planned to take (the LR schedule's length).
+
+    train.budget kind epochs: epochs x steps per epoch, where steps per epoch = train
+    windows // workers // batch_size // grad_accum (each worker gets an equal share and
+    drops its last partial batch), capped by train.max_steps_per_epoch.
+    `data_info["train_windows"]` is counted on the driver from the manifest
+    (data.train_window_count: exact for vector windows at stride 1, an estimate for other
+    strides and packed tokens). samples: ceil(value / samples per step); flops:
+    ceil(value / (flops_per_sample x samples per step)), the step at which the run stops
+    (`flops_per_sample` is measured on the worker; data_info["flops_per_sample"] if not
+    given). seconds: unknown. 0 when unknown."""
+    t = cfg.train
+    kind = t.budget_kind
+    if kind == "samples":
+        return math.ceil(t.budget_value / samples_per_step(cfg))
+    if kind == "flops":
+        fps = float(flops_per_sample or data_info.get("flops_per_sample") or 0.0)
+        return math.ceil(t.budget_value / (fps * samples_per_step(cfg))) if fps > 0 else 0
+    if kind == "seconds":
+        return 0
     per_epoch = 0
     windows = int(data_info.get("train_windows") or 0)
     if windows:
@@ -98,14 +117,37 @@ def check_schedule(cfg: ArchlabConfig, data_info: dict[str, Any]) -> None:
     t = cfg.train
     if t.optimizer == "schedule_free" or not (t.scheduler == "cosine" or t.warmup_frac):
         return
+    if t.budget_kind == "flops" and not data_info.get("flops_per_sample"):
+        return  # its length needs the model's FLOPs, measured on each worker (the worker refuses)
     total = planned_steps(cfg, data_info)
     warmup = t.warmup_steps or int(round(t.warmup_frac * total))
     if total <= (warmup if t.scheduler == "cosine" else 0):
         raise ConfigError(
             f"train.scheduler={t.scheduler}, train.warmup_frac={t.warmup_frac}: the run's planned steps ({total} = "
-            f"train.epochs x train windows {data_info.get('train_windows')} // workers // batch_size // grad_accum, "
-            f"capped by train.max_steps_per_epoch) must exceed the warm-up ({warmup})"
+            + (f"train.epochs x train windows {data_info.get('train_windows')} // workers // batch_size // grad_accum, "
+               f"capped by train.max_steps_per_epoch" if t.budget_kind == "epochs" else
+               f"train.budget {t.budget_kind} {t.budget_value:g} / samples per step {samples_per_step(cfg)}")
+            + f") must exceed the warm-up ({warmup})"
         )
+
+
+def run_complete(cfg: ArchlabConfig, metrics: dict[str, Any]) -> bool:
+    """Whether a report's (or checkpoint's) metrics are those of a finished run: its
+    evaluation index reached the run's evaluations (kind epochs: the epoch count)."""
+    return int(metrics.get("eval", metrics.get("epoch", 0)) or 0) >= cfg.train.n_evals
+
+
+def example_batch(cfg: ArchlabConfig, data_info: dict[str, Any], device=None) -> torch.Tensor:
+    """A batch of the shape training runs on (one worker's micro-batch): vector
+    [batch_size, context + 1, dim] unit vectors, token [batch_size, seq_len + 1] ids. For
+    `flops_per_sample`, whose count depends on shapes only (never on the values)."""
+    g = torch.Generator().manual_seed(0)
+    b = cfg.train.batch_size
+    if cfg.train.task == "vector":
+        x = F.normalize(torch.randn(b, cfg.data.context + 1, int(data_info["dim"]), generator=g), dim=-1)
+    else:
+        x = torch.randint(0, int(data_info["vocab_size"]), (b, cfg.data.seq_len + 1), generator=g)
+    return x if device is None else x.to(device)
 
 
 class LRSchedule:
@@ -185,11 +227,14 @@ class Trainer:
 
     `total_steps`: the run's planned optimizer steps (planned_steps), needed by cosine and
     warmup_frac. `precision`: "fp32" or "bf16" (autocast), as runtime.choose_precision
-    decided."""
+    decided. `flops_per_sample` (flops.flops_per_sample, or `measure_flops`) turns
+    samples_seen into train_flops and is needed by a flops budget; `measure_peak` gives
+    the peak `mfu` divides by. `fit` runs the whole budget (train.budget)."""
 
     def __init__(self, model: torch.nn.Module, cfg: ArchlabConfig, *, device=None, precision: str = "fp32",
                  total_steps: int = 0, tokens_per_byte: float = 1.0, check_every: int = 64,
-                 loss: Callable[[torch.nn.Module, Any], torch.Tensor] | None = None):
+                 loss: Callable[[torch.nn.Module, Any], torch.Tensor] | None = None,
+                 flops_per_sample: float = 0.0):
         t = cfg.train
         self._loss = loss  # batch_loss's replacement, if given
         self.cfg, self.model, self.module = cfg, model, unwrap(model)
@@ -224,7 +269,19 @@ class Trainer:
         self.step = 0  # optimizer steps taken
         self.epoch = 0  # epochs completed
         self.batches_in_epoch = 0  # micro-batches of the current epoch already trained
-        self.train_time_s = 0.0  # training only, summed over epochs and restarts
+        self.train_time_s = 0.0  # training only, summed over evaluation intervals and restarts
+        # compute accounting (docs/compute.md): cumulative over the run, restarts included
+        self.world = world_size()
+        # training windows of the optimizer steps taken, over all workers (equal batches, no
+        # sync); a pass's last incomplete accumulation, dropped, is not counted
+        self.samples_seen = 0
+        self._pending = 0  # windows of the accumulation in progress
+        self.flops_per_sample = float(flops_per_sample)
+        self.peak_flops = math.nan  # one worker's measured matmul peak (measure_peak)
+        self._peak_total = math.nan  # the sum over workers: what mfu divides by
+        self.evals_done = 0  # evaluations on the budget grid (kind epochs: epochs)
+        self.eval_step = -1  # the optimizer step of the latest evaluation
+        self._done = False
         self._reset_epoch_sums()
         self.optimizer.zero_grad(set_to_none=True)
 
@@ -235,7 +292,8 @@ class Trainer:
         self._aux_sums: dict[str, torch.Tensor] = {}
         self._first_bad = torch.full((), -1, dtype=torch.long, device=self.device)
         self._samples, self._wait_s, self._time_s = 0, 0.0, 0.0
-        self._t_start = None  # perf_counter at the start of a running epoch
+        self._micro = 0  # micro-batches trained since the last evaluation (kind epochs: of the epoch)
+        self._t_start = None  # perf_counter since which training time runs (None: paused)
 
     @staticmethod
     def _x(batch) -> torch.Tensor:
@@ -297,7 +355,10 @@ class Trainer:
         self._first_bad = torch.where((self._first_bad < 0) & ~torch.isfinite(total),
                                       torch.full_like(self._first_bad, here), self._first_bad)
         self.batches_in_epoch += 1
-        self._samples += self._batch_size(batch)
+        self._micro += 1
+        n = self._batch_size(batch)
+        self._samples += n
+        self._pending += n * self.world  # every worker trains an equal batch (drop_last)
         if not last:
             return False
         if self.cfg.train.grad_clip > 0:
@@ -306,6 +367,8 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
+        self.samples_seen += self._pending
+        self._pending = 0
         if self.step % self.check_every == 0:
             self.check_finite()
         return True
@@ -322,11 +385,96 @@ class Trainer:
 
     def running_loss(self) -> float:
         """Mean training loss of the current epoch so far (one host sync: for progress lines)."""
-        return float(self._loss_sum) / max(self.batches_in_epoch, 1)
+        return float(self._loss_sum) / max(self._micro, 1)
 
     def epoch_time_s(self) -> float:
-        """Training time of the current epoch so far (a running epoch counts up to now)."""
+        """Training time since the last evaluation (kind epochs: of the current epoch), a
+        running pass counted up to now."""
         return self._time_s + (time.perf_counter() - self._t_start if self._t_start is not None else 0.0)
+
+    def _pause(self) -> None:
+        if self._t_start is not None:
+            self._time_s += time.perf_counter() - self._t_start
+            self._t_start = None
+
+    def _resume(self) -> None:
+        self._t_start = time.perf_counter()
+
+    # ---- compute accounting ----
+
+    def measure_flops(self, example_batch) -> float:
+        """flops.flops_per_sample of this model on `example_batch` (one micro-batch of the
+        training shape; cached per shape), kept for train_flops."""
+        from archlab.platform import flops
+
+        fn = self.loss_fn if self.task == "vector" and self._loss is None else None
+        if self._loss is not None:
+            raise ValueError("measure_flops: a Trainer with a custom loss= counts nothing here; "
+                             "pass flops_per_sample= measured on that loss")
+        self.flops_per_sample = flops.flops_per_sample(self.module, example_batch, self.task, loss_fn=fn)
+        return self.flops_per_sample
+
+    def measure_peak(self, seconds: float = 0.25) -> float:
+        """flops.matmul_peak_flops on this worker's device in the dtype training runs in
+        (bf16 under bf16 autocast, else fp32). Under torch.distributed every rank must call
+        it: mfu divides by the sum of the workers' peaks."""
+        from archlab.platform import flops
+
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
+        # 512^3 on CPU: ~30 ms a matmul on one thread, so the probe stays near `seconds`
+        n = 512 if self.device.type == "cpu" else 1024
+        self.peak_flops = flops.matmul_peak_flops(self.device, dtype, seconds=seconds, n=n)
+        self._peak_total = all_reduce_sums({"peak": self.peak_flops}, self.device)["peak"]
+        return self.peak_flops
+
+    def train_flops(self) -> float:
+        return self.flops_per_sample * self.samples_seen
+
+    def elapsed_train_s(self) -> float:
+        """Training time of the whole run so far (this worker's clock; restarts included)."""
+        return self.train_time_s + self.epoch_time_s()
+
+    def accounting(self) -> dict[str, float]:
+        """The compute metrics (docs/compute.md): samples_seen, train_time_s, and with a
+        measured flops_per_sample train_flops, with a measured peak peak_flops and mfu."""
+        elapsed = self.elapsed_train_s()
+        out = {"samples_seen": float(self.samples_seen), "train_time_s": elapsed}
+        if self.flops_per_sample > 0:
+            out.update(flops_per_sample=self.flops_per_sample, train_flops=self.train_flops())
+            if math.isfinite(self.peak_flops):
+                from archlab.platform import flops
+
+                out.update(peak_flops=self.peak_flops,
+                           mfu=flops.mfu(self.train_flops(), elapsed, self._peak_total))
+        return out
+
+    def spent(self) -> float:
+        """The budget spent so far, in its unit (train.budget.kind). Seconds: the slowest
+        worker's training time (one all-reduce when there are several), so every rank
+        takes the same decision at the same step."""
+        kind = self.cfg.train.budget_kind
+        if kind == "samples":
+            return float(self.samples_seen)
+        if kind == "flops":
+            return self.train_flops()
+        if kind == "seconds":
+            t = self.elapsed_train_s()
+            if self.world > 1:
+                import torch.distributed as dist
+
+                v = torch.tensor([t], dtype=torch.float64, device=self.device)
+                dist.all_reduce(v, op=dist.ReduceOp.MAX)
+                t = float(v.item())
+            return t
+        return float(self.epoch)
+
+    def grid_point(self, i: int) -> float:
+        """The i-th evaluation point (1-based) of the budget grid: value x i / evals."""
+        t = self.cfg.train
+        return t.budget_value if i >= t.n_evals else t.budget_value * i / t.n_evals
+
+    def budget_done(self) -> bool:
+        return self.evals_done >= self.cfg.train.n_evals
 
     def lr(self) -> float:
         g = self.optimizer.param_groups[0]
@@ -346,6 +494,20 @@ class Trainer:
         With `valid_batches` (and `valid_ctx_batches`, see evaluate), evaluates at the end
         and moves the plateau schedule.
         Returns the epoch's metrics, summed over workers."""
+        self._run_pass(batches, on_step)
+        self.check_finite()
+        metrics = self._finish_epoch()
+        if valid_batches is not None:
+            metrics.update(self.evaluate(valid_batches, valid_ctx_batches))
+            self.schedule.on_epoch_end(metrics["val_loss"])
+        return metrics
+
+    def _run_pass(self, batches: Iterable, on_step: Callable[["Trainer"], None] | None = None,
+                  stop: Callable[[], bool] | None = None) -> tuple[bool, int]:
+        """Train on `batches` from the epoch's data position until they run out (or
+        train.max_steps_per_epoch optimizer steps), or until `stop()` says so after an
+        optimizer step. `on_step(self)` runs after every optimizer step, outside the timed
+        training. Returns (whether the pass ran out, optimizer steps taken)."""
         self._train_mode()
         it = iter(batches)
         t0 = time.perf_counter()
@@ -354,32 +516,38 @@ class Trainer:
                 break
         self._wait_s += time.perf_counter() - t0
         max_micro = self.cfg.train.max_steps_per_epoch * self.accum
-        t_start, t_outside = time.perf_counter(), 0.0
-        self._t_start = t_start
+        steps0, ran_out = self.step, True
+        self._resume()
         while not max_micro or self.batches_in_epoch < max_micro:
             t0 = time.perf_counter()
             batch = next(it, None)
             self._wait_s += time.perf_counter() - t0
             if batch is None:
                 break
-            if self.train_step(batch) and on_step is not None:
-                t0 = time.perf_counter()
-                on_step(self)
-                t_outside += time.perf_counter() - t0
-        # an accumulation left incomplete at the end is dropped, as before the Trainer
-        self.optimizer.zero_grad(set_to_none=True)
-        self._time_s += time.perf_counter() - t_start - t_outside
-        self._t_start = None
-        self.check_finite()
-        metrics = self._finish_epoch()
-        if valid_batches is not None:
-            metrics.update(self.evaluate(valid_batches, valid_ctx_batches))
-            self.schedule.on_epoch_end(metrics["val_loss"])
-        return metrics
+            if self.train_step(batch):
+                if on_step is not None:
+                    self._pause()
+                    on_step(self)
+                    self._resume()
+                if stop is not None and stop():
+                    ran_out = False
+                    break
+        if ran_out:  # an accumulation left incomplete at the end is dropped, as before the Trainer
+            self.optimizer.zero_grad(set_to_none=True)
+            self._pending = 0
+        self._pause()
+        return ran_out, self.step - steps0
 
     def _finish_epoch(self) -> dict[str, float]:
+        self.epoch += 1
+        self.batches_in_epoch = 0
+        return self._interval_metrics()
+
+    def _interval_metrics(self) -> dict[str, float]:
+        """The training metrics since the last evaluation (kind epochs: of the epoch),
+        summed over workers; starts the next interval."""
         sums = {"samples": float(self._samples), "loss": float(self._loss_sum),
-                "micro": float(self.batches_in_epoch), "wait": self._wait_s}
+                "micro": float(self._micro), "wait": self._wait_s}
         sums.update({f"aux.{k}": float(v) for k, v in self._aux_sums.items()})
         route = collect_routing_stats(self.module)  # {} at the cost of a cached empty list
         sums.update({f"route.{k}": v for k, v in route.items()})
@@ -387,8 +555,6 @@ class Trainer:
         totals = all_reduce_sums(sums, self.device)
         t = max(self._time_s, 1e-9)
         self.train_time_s += self._time_s
-        self.epoch += 1
-        self.batches_in_epoch = 0
         metrics = {
             "epoch": self.epoch,  # the platform's own step counter for ASHA (1-based)
             "step": self.step,
@@ -403,6 +569,86 @@ class Trainer:
         metrics.update({f"route_{k[6:]}": v / world for k, v in totals.items() if k.startswith("route.")})
         self._reset_epoch_sums()
         return metrics
+
+    def fit(self, passes: Callable[[int], Iterable], valid: Callable[[], Iterable] | None = None, *,
+            valid_ctx: Callable[[], Iterable] | None = None, on_step: Callable[["Trainer"], None] | None = None,
+            on_eval: Callable[["Trainer", dict[str, float], bool], None] | None = None) -> dict[str, float]:
+        """Train until train.budget is spent, evaluating on its grid; returns the last
+        evaluation's metrics (train_epoch's, plus `accounting()` and `eval`, the
+        evaluation index, 1-based).
+
+        `passes(epoch)` gives the training batches of one pass over the data (the pass's
+        shuffle may depend on `epoch`, passes completed); `valid()` / `valid_ctx()` fresh
+        validation batches (see evaluate). `on_eval(trainer, metrics, last)` runs after
+        every evaluation (the worker's report, checkpoint and MLflow log).
+
+        kind epochs: train.epochs passes, an evaluation at every epoch end (train_epoch,
+        exactly as before budgets existed). Other kinds: passes follow each other (each at
+        most train.max_steps_per_epoch steps) until the budget is spent, checked after
+        every optimizer step: samples/flops stop at the first step whose cumulative count
+        reaches the value, seconds at the first whose train_time_s does. Evaluation i
+        (1..train.evals) runs at the first optimizer step whose spend reaches
+        value x i / evals; one step that crosses several points evaluates once, under the
+        highest index. The plateau schedule moves at every evaluation."""
+        t = self.cfg.train
+        last: dict[str, float] = {}
+        if t.budget_kind == "epochs":
+            while self.epoch < t.epochs:
+                last = self.train_epoch(passes(self.epoch), valid() if valid else None, on_step,
+                                        valid_ctx() if valid_ctx else None)
+                self.evals_done, self.eval_step = self.epoch, self.step
+                last.update(self.accounting())
+                last["eval"] = self.evals_done
+                if on_eval is not None:
+                    on_eval(self, last, self.epoch >= t.epochs)
+            return last
+        if t.budget_kind == "flops" and self.flops_per_sample <= 0:
+            raise ValueError("train.budget.kind=flops needs the model's flops_per_sample (Trainer(flops_per_sample=) "
+                             "or measure_flops)")
+        n = t.n_evals
+        out: dict[str, dict[str, float]] = {}
+
+        def after_step(tr: "Trainer") -> None:
+            spent = tr.spent()
+            reached = tr.evals_done
+            while reached < n and spent >= tr.grid_point(reached + 1):
+                reached += 1
+            if reached > tr.evals_done:
+                tr.evals_done, tr.eval_step = reached, tr.step
+                out["last"] = m = tr._evaluation(valid, valid_ctx)
+                if on_eval is not None:
+                    on_eval(tr, m, tr.budget_done())
+            tr._done = tr.budget_done()
+            if on_step is not None:
+                on_step(tr)
+
+        self._done = self.budget_done()
+        while not self._done:
+            ran_out, steps = self._run_pass(passes(self.epoch), after_step, stop=lambda: self._done)
+            self.check_finite()
+            if not ran_out:
+                break
+            if steps == 0:
+                raise RuntimeError(
+                    f"train.budget {t.budget_kind}={t.budget_value:g}: a pass over the training data gave no optimizer "
+                    f"step (epoch {self.epoch}, {self.samples_seen} samples so far); the data is smaller than one "
+                    "batch per worker x train.grad_accum")
+            self.epoch += 1  # a pass completed: the next one reshuffles
+            self.batches_in_epoch = 0
+        return out.get("last", last)
+
+    def _evaluation(self, valid, valid_ctx) -> dict[str, float]:
+        """One evaluation on the budget grid: the training metrics since the previous one,
+        the validation metrics (as at an epoch end), the accounting and the index."""
+        self.check_finite()
+        m = self._interval_metrics()
+        if valid is not None:
+            m.update(self.evaluate(valid(), valid_ctx() if valid_ctx else None))
+            self.schedule.on_epoch_end(m["val_loss"])
+        m.update(self.accounting())
+        m["eval"] = self.evals_done
+        self._train_mode()  # evaluation left the model in train mode; schedule-free back at y
+        return m
 
     def _train_mode(self) -> None:
         self.model.train()
@@ -533,9 +779,15 @@ class Trainer:
             "epoch": self.epoch,  # epochs completed
             "batches_in_epoch": self.batches_in_epoch,
             "train_time_s": self.train_time_s,
-            "epoch_sums": {
+            # compute accounting: cumulative counters carry on after a restart
+            "samples_seen": self.samples_seen,
+            "flops_per_sample": self.flops_per_sample,
+            "evals_done": self.evals_done,
+            "eval_step": self.eval_step,
+            "epoch_sums": {  # the sums since the last evaluation (kind epochs: of the epoch)
                 "loss": float(self._loss_sum), "samples": self._samples, "wait_s": self._wait_s,
-                "time_s": self._time_s, "aux": {k: float(v) for k, v in self._aux_sums.items()},
+                "time_s": self.epoch_time_s(), "micro": self._micro,
+                "aux": {k: float(v) for k, v in self._aux_sums.items()},
             },
         }
 
@@ -544,8 +796,12 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = int(state["step"])
         self.train_time_s = float(state.get("train_time_s", 0.0))
+        self.samples_seen = int(state.get("samples_seen", 0))
+        if not self.flops_per_sample and state.get("flops_per_sample"):
+            self.flops_per_sample = float(state["flops_per_sample"])
         if "format" not in state:  # written before the Trainer: at an epoch end, plateau state apart
             self.epoch, self.batches_in_epoch = int(state["epoch"]) + 1, 0
+            self.evals_done = self.epoch
             if state.get("scheduler"):
                 old = state["scheduler"]
                 self.schedule.best, self.schedule.bad_epochs = float(old.get("best", math.inf)), int(old.get("num_bad_epochs", 0))
@@ -556,8 +812,12 @@ class Trainer:
         else:
             self.schedule.load_state_dict(state["schedule"])
             self.epoch, self.batches_in_epoch = int(state["epoch"]), int(state["batches_in_epoch"])
+            default_evals = self.epoch if self.cfg.train.budget_kind == "epochs" else 0
+            self.evals_done = int(state.get("evals_done", default_evals))
+            self.eval_step = int(state.get("eval_step", -1))
             self._reset_epoch_sums()
             sums = state.get("epoch_sums") or {}
+            self._micro = int(sums.get("micro", self.batches_in_epoch))
             self._loss_sum += float(sums.get("loss", 0.0))
             self._samples = int(sums.get("samples", 0))
             self._wait_s, self._time_s = float(sums.get("wait_s", 0.0)), float(sums.get("time_s", 0.0))
