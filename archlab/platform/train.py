@@ -115,7 +115,7 @@ def load_state(path: str | Path, device="cpu") -> dict[str, Any]:
     return torch.load(Path(path) / STATE_FILE, map_location=device, weights_only=True)
 
 
-def newer_mid_epoch_checkpoint(storage, after_step: int, epoch: int) -> Path | None:
+def newer_mid_epoch_checkpoint(storage, after_step: int, epoch: int, evals_done: int | None = None) -> Path | None:
     """A complete mid-epoch checkpoint of this Train run on local (or shared) storage that
     is later than the one Ray Train restored (`after_step`; -1: none) and in the same
     epoch, or None.
@@ -126,7 +126,8 @@ def newer_mid_epoch_checkpoint(storage, after_step: int, epoch: int) -> Path | N
     so the restart takes the newest loadable one, and a SIGKILLed worker loses fewer than
     `train.checkpoint_every_steps` steps. Only mid-epoch checkpoints of the restored epoch
     are taken: an epoch-end report the controller never saw must be made again (it feeds
-    Tune and ASHA), so it is recomputed. Every rank reads the same files, no writer is
+    Tune and ASHA), so it is recomputed; likewise one past an evaluation on the budget grid
+    the restored state has not done (`evals_done`, the "eval" of a mid-epoch report). Every rank reads the same files, no writer is
     alive at a restart, so all ranks choose the same one. Remote storage: None (Ray's)."""
     import pyarrow.fs
 
@@ -141,6 +142,8 @@ def newer_mid_epoch_checkpoint(storage, after_step: int, epoch: int) -> Path | N
         try:
             m = json.loads((d / "metrics.json").read_text())
         except (OSError, ValueError):
+            continue
+        if evals_done is not None and m.get("eval", evals_done) != evals_done:
             continue
         if m.get(MID_EPOCH) and m.get("epoch") == epoch and int(m.get("step", -1)) > after_step \
                 and (d / STATE_FILE).is_file() and (d / SPEC_FILE).is_file():
@@ -206,7 +209,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     if restored:
         with restored.as_directory() as d:
             trainer.load_state_dict(load_state(d, device))
-    newer = newer_mid_epoch_checkpoint(ctx.get_storage(), trainer.step if restored else -1, trainer.epoch)
+    newer = newer_mid_epoch_checkpoint(ctx.get_storage(), trainer.step if restored else -1, trainer.epoch,
+                                       trainer.evals_done)
     if newer is not None:  # written and uploaded, but not yet registered by the controller
         trainer.load_state_dict(load_state(newer, device))
         restored = restored or newer
