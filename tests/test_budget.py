@@ -7,7 +7,6 @@ from one `archlab train` run through real Ray Train and MLflow."""
 from __future__ import annotations
 
 import io
-import math
 
 import pytest
 import torch
