@@ -147,3 +147,15 @@ def smoke_demo(tmp_path_factory):
     out = subprocess.run([archlab, "demo", "--smoke-test"], cwd=cwd, env=env, capture_output=True, text=True,
                          timeout=1800)
     return cwd, out
+
+
+@pytest.fixture()
+def windows(sample_dataset):
+    """Seed-protocol windows (5 context vectors + the target) of the sample's validation
+    shard, every 7th start: what the registry's champion comparison evaluates on."""
+    import numpy as np
+
+    from archlab.platform.data import read_vector_docs
+
+    docs = read_vector_docs([str(sample_dataset / "valid" / "part-00000.parquet")], 384)
+    return np.stack([d[s: s + 6] for d in docs for s in range(0, len(d) - 5, 7)])

@@ -10,29 +10,20 @@ import io
 
 import pytest
 import torch
-from torch import nn
 
 from archlab.architectures import build_model, make_config
 from archlab.platform import flops
 from archlab.platform.config import ConfigError, load_config
 from archlab.platform.losses import make_loss
 from archlab.platform.trainer import Trainer, planned_steps, samples_per_step
+from tests.test_trainer import D, vector_batches
 
-D = 8
 B = 8
 
 
 def batches(n: int = 5, length: int = 6, seed: int = 0) -> list[dict]:
-    """Learnable sequences (each vector a fixed rotation of the previous one, unit norm)."""
-    g = torch.Generator().manual_seed(seed)
-    rot = torch.linalg.qr(torch.randn(D, D, generator=torch.Generator().manual_seed(123)))[0]
-    out = []
-    for _ in range(n):
-        x = [nn.functional.normalize(torch.randn(B, D, generator=g), dim=-1)]
-        for _ in range(length - 1):
-            x.append(x[-1] @ rot)
-        out.append({"x": torch.stack(x, 1)})
-    return out
+    """Learnable sequences of B windows (test_trainer's: a fixed rotation, unit norm)."""
+    return vector_batches(n, B, length, seed)
 
 
 def cfg_for(arch: str, *overrides: str):

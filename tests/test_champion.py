@@ -2,7 +2,6 @@
 windows (both evaluated side by side, the champion rebuilt from its weights + spec), and
 registry versions survive a failed promotion."""
 
-import numpy as np
 import pytest
 import torch
 
@@ -18,14 +17,6 @@ def _model(arch: str):
     spec = model_spec(load_config(None, [f"model.arch={arch}"]), {"dim": 384, "dataset_id": "x"})
     torch.manual_seed(0)
     return build_from_spec(spec).eval(), spec
-
-
-@pytest.fixture()
-def windows(sample_dataset):
-    from archlab.platform.data import read_vector_docs
-
-    docs = read_vector_docs([str(sample_dataset / "valid" / "part-00000.parquet")], 384)
-    return np.stack([d[s: s + 6] for d in docs for s in range(0, len(d) - 5, 7)])
 
 
 def _register(uri, exp, arch, windows):

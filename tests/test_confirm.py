@@ -6,11 +6,11 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-import torch
 
 from archlab.platform import tracking
 from archlab.platform.config import ConfigError, load_config
 from archlab.platform.sweep import confirm_seeds, registry_candidates, select_confirm
+from tests.test_champion import _model
 
 
 def test_confirm_seeds_default_to_the_seeds_after_train_seed_and_two_under_smoke():
@@ -63,22 +63,6 @@ def test_select_confirm_takes_the_best_distinct_configs_of_each_arch_on_every_se
     low = select_confirm(trials, ["lstm"], 1, [1], "val_cosine_seed", "min", "s-1")
     assert [p["config_hash"][:2] for p in low] == ["h1"]
     assert select_confirm(trials, ["lstm"], 0, [1, 2], "val_cosine_seed", "max", "s-1") == []
-
-
-def _model(arch):
-    from archlab.platform.train import build_from_spec, model_spec
-
-    spec = model_spec(load_config(None, [f"model.arch={arch}"]), {"dim": 384, "dataset_id": "x"})
-    torch.manual_seed(0)
-    return build_from_spec(spec).eval(), spec
-
-
-@pytest.fixture()
-def windows(sample_dataset):
-    from archlab.platform.data import read_vector_docs
-
-    docs = read_vector_docs([str(sample_dataset / "valid" / "part-00000.parquet")], 384)
-    return np.stack([d[s: s + 6] for d in docs for s in range(0, len(d) - 5, 7)])
 
 
 def test_registration_from_confirm_runs_and_a_worse_verdict_never_becomes_champion(tmp_path, windows):
