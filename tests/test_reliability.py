@@ -342,19 +342,32 @@ def _children(c, exp_id, parent_id):
     return c.search_runs([exp_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'", max_results=1000)
 
 
+def _kill_test_sweep(sample_dataset, uri: str, store: Path, name: str, *sets: str) -> list[str]:
+    """`archlab sweep` arguments of the driver-kill tests: lstm + transformer smoke trials,
+    one at a time, one worker each, plus `sets` (`--set` values)."""
+    args = ["sweep", "--smoke-test"]
+    for kv in (f"data.path={sample_dataset}", f"tracking.uri={uri}", f"sweep.storage_path={store}",
+               f"sweep.name={name}", "sweep.archs=[lstm, transformer]", "sweep.num_samples=2",
+               "sweep.max_concurrent=1", "train.num_workers=1", "ray.num_cpus=4", *sets):
+        args += ["--set", kv]
+    return args
+
+
+def _start_driver(args: list[str], tmp_path: Path, ray_tmp: Path) -> subprocess.Popen:
+    """The archlab CLI as a child process, its output in tmp_path/first.log."""
+    log = open(tmp_path / "first.log", "w")
+    return subprocess.Popen([sys.executable, "-m", "archlab.cli", *args], cwd=tmp_path,
+                            env=_env(RAY_TMPDIR=str(ray_tmp)), stdout=log, stderr=subprocess.STDOUT)
+
+
 @pytest.mark.slow
 def test_driver_sigkill_then_resume_keeps_every_model_and_version_and_leaves_no_orphans(tmp_path, sample_dataset):
     ray_tmp = _short_tmp()
     uri = f"sqlite:///{tmp_path}/m.db"
     store = tmp_path / "runs"
-    args = ["sweep", "--smoke-test", "--set", f"data.path={sample_dataset}", "--set", f"tracking.uri={uri}",
-            "--set", f"sweep.storage_path={store}", "--set", "sweep.name=kill-test",
-            "--set", "sweep.archs=[lstm, transformer]", "--set", "sweep.num_samples=2",
-            "--set", "sweep.max_concurrent=1", "--set", "train.num_workers=1", "--set", "ray.num_cpus=4",
-            "--set", "sweep.confirm.top_k=0"]  # the search's resume; the confirm's: test_confirm_resume_*
-    log = open(tmp_path / "first.log", "w")
-    driver = subprocess.Popen([sys.executable, "-m", "archlab.cli", *args], cwd=tmp_path,
-                              env=_env(RAY_TMPDIR=str(ray_tmp)), stdout=log, stderr=subprocess.STDOUT)
+    # the search's resume; the confirm stage's: test_confirm_resume_*
+    args = _kill_test_sweep(sample_dataset, uri, store, "kill-test", "sweep.confirm.top_k=0")
+    driver = _start_driver(args, tmp_path, ray_tmp)
     # kill the driver just as the first trial's Train run wrote its last (epoch 2) checkpoint
     deadline = time.time() + 900
     finished = None
@@ -409,14 +422,8 @@ def test_confirm_resume_after_a_driver_sigkill_in_the_confirm_stage(tmp_path, sa
     ray_tmp = _short_tmp()
     uri = f"sqlite:///{tmp_path}/m.db"
     store = tmp_path / "runs"
-    args = ["sweep", "--smoke-test", "--set", f"data.path={sample_dataset}", "--set", f"tracking.uri={uri}",
-            "--set", f"sweep.storage_path={store}", "--set", "sweep.name=kc-test",
-            "--set", "sweep.archs=[lstm, transformer]", "--set", "sweep.num_samples=2",
-            "--set", "sweep.max_concurrent=1", "--set", "train.num_workers=1", "--set", "ray.num_cpus=4",
-            "--set", "sweep.confirm.seeds=[1]"]
-    log = open(tmp_path / "first.log", "w")
-    driver = subprocess.Popen([sys.executable, "-m", "archlab.cli", *args], cwd=tmp_path,
-                              env=_env(RAY_TMPDIR=str(ray_tmp)), stdout=log, stderr=subprocess.STDOUT)
+    args = _kill_test_sweep(sample_dataset, uri, store, "kc-test", "sweep.confirm.seeds=[1]")
+    driver = _start_driver(args, tmp_path, ray_tmp)
     deadline = time.time() + 1200
     started = None  # kill once the first confirm run's Train run wrote its first checkpoint
     while time.time() < deadline and driver.poll() is None and started is None:

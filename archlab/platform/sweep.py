@@ -380,8 +380,8 @@ def train_driver_fn(trial_config: dict[str, Any], *, base: dict, ctx: dict, data
                                           trial_id, cfg.model.arch, params,
                                           tags={**stage_tags, leaderboard_tags.TAG_CONFIG_HASH: config_hash(cfg)})
     record_file.write_text(json.dumps(record))
-    done = latest_checkpoint(record["train_dir"])
-    if done is not None and not done[1].get("mid_epoch") and run_complete(cfg, done[1]):
+    done = latest_checkpoint(record["train_dir"], epoch_end=True)
+    if done is not None and run_complete(cfg, done[1]):
         tune.report({**done[1], "checkpoint_path": done[0]})
         return
     try:
@@ -576,8 +576,7 @@ def _run_tuner(cfg: ArchlabConfig, job: Job, sweep_id: str, parent_id: str, resu
     log_final_models(job, ok)  # before the confirm stage: a kill there keeps the search's models
     confirm = _run_confirm(cfg, job, sweep_id, parent_id, resume, trainable, ok, verbose, progress)
     confirm_ok = [t for t in confirm if t.get("spec") and not t.get("error")]
-    log_final_models(job, confirm_ok)
-    decisions, board = finalize(job, [*ok, *confirm_ok], parent_id, models_logged=True)
+    decisions, board = finalize(job, [*ok, *confirm_ok], parent_id)
     n_errors = sum(1 for t in trials if t.get("error"))
     tracking.log_metrics(c, parent_id, {"n_trials": len(trials), "n_errors": n_errors, "n_confirm_runs": len(confirm),
                                         "n_confirm_errors": sum(1 for t in confirm if t.get("error"))})
@@ -809,14 +808,15 @@ def log_final_models(job: Job, trials: list[dict[str, Any]]) -> None:
 
     Idempotent for a resumed job: a run whose model is already logged (tag
     archlab.model_uri) is not logged again. A trial whose checkpoint does not load is an
-    error (its run FAILED)."""
+    error (its run FAILED). Trials this call (or an earlier one) logged or failed are
+    skipped, so a job may call it once per stage and finalize again at the end."""
     cfg = job.cfg
     c = tracking.client(job.uri)
     example = job.valid_windows[:2, :-1]
     example = example.astype(np.float32 if cfg.train.task == "vector" else np.int64)
     base_scores = None  # the baselines' per-window scores, computed once, when first needed
     for t in trials:
-        if t.get("run_id") is None or t.get("model_uri"):
+        if t.get("run_id") is None or t.get("model_uri") or t.get("error"):
             continue
         try:
             t["model"] = _load_trial_model(t)
@@ -845,16 +845,14 @@ def log_final_models(job: Job, trials: list[dict[str, Any]]) -> None:
         t["metrics"].update(final)
 
 
-def finalize(job: Job, trials: list[dict[str, Any]], parent_id: str,
-             models_logged: bool = False) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Log every trial's final model and window comparison (log_final_models, unless
-    `models_logged`), then build the leaderboard from MLflow (verdicts against the best
+def finalize(job: Job, trials: list[dict[str, Any]], parent_id: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Log every trial's final model and window comparison (log_final_models: those not
+    logged yet), then build the leaderboard from MLflow (verdicts against the best
     baseline), then register per architecture (register_models), which needs those
     verdicts. Returns (registry decisions, leaderboard). Idempotent for a resumed job."""
     from archlab.platform.leaderboard import leaderboard
 
-    if not models_logged:
-        log_final_models(job, trials)
+    log_final_models(job, trials)
     board = leaderboard(job.uri, job.experiment_id, parent_id, *job.cfg.metric())
     return register_models(job, [t for t in trials if t.get("model_uri") and not t.get("error")], board), board
 
