@@ -245,10 +245,11 @@ class WindowCutter:
 CUT_DOCS = 64  # documents per cutting batch: a token batch packs this many documents
 
 
-def cut_windows(files: list[str], cutter: WindowCutter, column: str, limit: int = 0) -> list[np.ndarray]:
+def cut_windows(files: list[str], cutter, column: str, limit: int = 0) -> list[np.ndarray]:
     """The windows of `files`, cut on the driver with pyarrow, CUT_DOCS documents at a time
     (the grouping the streamed train split's map_batches uses), in file order: one array
-    per batch, stopping once `limit` (0 = all) windows are cut."""
+    per batch, stopping once `limit` (0 = all) windows are cut. `cutter(table)` -> {"x":
+    windows}: a WindowCutter, or vector_windows / token_windows with their arguments bound."""
     import pyarrow.parquet as pq
 
     parts, n = [], 0

@@ -36,7 +36,6 @@ from archlab.platform.config import ConfigError
 from archlab.platform.shards import DataError, dataset_id, load_manifest, split_files
 
 SEED_CONTEXT = 5  # the seed protocol: 5 context vectors -> the 6th
-PACK_DOCS = 64  # documents per packing batch (data.make_ray_datasets' map_batches batch_size)
 EXPERIMENT = "archlab-evaluate"
 URI_FORMS = "models:/<name>@<alias>, models:/<name>/<version>, models:/m-<id> or runs:/<run_id>/model"
 
@@ -107,16 +106,13 @@ def seed_windows(files: list[str], dim: int, context: int = SEED_CONTEXT) -> np.
 
 
 def token_windows_split(files: list[str], seq_len: int, separator: int) -> np.ndarray:
-    """Packed token windows [N, seq_len + 1] int64, cut PACK_DOCS documents at a time."""
-    import pyarrow.parquet as pq
+    """Packed token windows [N, seq_len + 1] int64, cut as training cuts them
+    (data.cut_windows: data.CUT_DOCS documents packed at a time)."""
+    import functools
 
-    from archlab.platform.data import token_windows
+    from archlab.platform.data import cut_windows, token_windows
 
-    parts = []
-    for f in files:
-        table = pq.read_table(f, columns=["tokens"])
-        for start in range(0, table.num_rows, PACK_DOCS):
-            parts.append(token_windows(table.slice(start, PACK_DOCS), length=seq_len + 1, separator=separator)["x"])
+    parts = cut_windows(files, functools.partial(token_windows, length=seq_len + 1, separator=separator), "tokens")
     x = np.concatenate(parts) if parts else np.zeros((0, seq_len + 1), np.int64)
     if not len(x):
         raise DataError(f"{files[0] if files else '?'}: no window of {seq_len + 1} tokens in the split")
