@@ -1007,7 +1007,6 @@ def _train_one(cfg: ArchlabConfig, job: Job, sweep_id: str, parent_id: str, verb
         tracking.end_run(c, run_id, "FAILED", reason)
         raise TrialFailed(reason)
     tracking.end_run(c, run_id, "FINISHED")
-    board = leaderboard_tags.leaderboard(job.uri, job.experiment_id, parent_id, *cfg.metric())  # the run FINISHED
     tracking.end_run(c, parent_id, "FINISHED")
     return {"sweep_id": sweep_id, "parent_run_id": parent_id, "run_id": run_id, "metrics": metrics,
             "registry": decisions, "leaderboard": board, "tracking_uri": job.uri}
