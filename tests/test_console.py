@@ -71,6 +71,23 @@ def test_progress_prints_one_line_per_running_trial():
     assert all(len(line) <= 100 for line in out + rows + [status])
 
 
+def test_a_confirm_runs_progress_line_names_its_architecture_and_seed():
+    """A confirm trial's Tune config is {CONFIRM_KEY: point}: its line names the arch of the
+    search config it repeats and the seed, not `?`."""
+    from archlab.platform.progress import trial_progress
+    from archlab.platform.sweep import CONFIRM_KEY
+
+    out = []
+    cb = trial_progress("val_cosine_seed", "max", time_attr="epoch", max_t=2, interval_s=0.0, out=out.append)
+    t = _trial("da529_00004", "lstm")
+    t.config = {CONFIRM_KEY: {"trial_id": "0898ec77", "seed": 2, "config": {"arch": "amn", "d_model": 64}}}
+    cb.on_trial_start(iteration=0, trials=[t], trial=t)
+    cb.on_trial_result(iteration=1, trials=[t], trial=t, result={"epoch": 2, "val_cosine_seed": 0.5})
+    t.status = "TERMINATED"
+    cb.on_trial_complete(iteration=2, trials=[t], trial=t)
+    assert re.search(r"^  da529_00004 amn s2 +DONE +epoch 2/2 ", out[-1]), out
+
+
 def test_progress_callback_survives_the_tuner_pickle():
     """Tune pickles the RunConfig (callbacks included) for --resume."""
     import ray.cloudpickle as pickle
@@ -94,7 +111,11 @@ def test_smoke_demo_console_is_quiet_and_the_leaderboard_whole(smoke_demo):
     # the progress lines: every trial ends with one (DONE or STOPPED by ASHA): the 4 search
     # trials and the confirm stage's 6 (3 archs x 2 seeds, all DONE: no ASHA there)
     ends = re.findall(r"^  (\w{8}) (lstm|transformer|amn) +(DONE|STOPPED) +epoch \d/2 ", text, flags=re.M)
-    assert len({e[0] for e in ends}) == 4 + 6, text[-4000:]
+    assert len({e[0] for e in ends}) == 4, text[-4000:]
+    confirm_ends = re.findall(r"^  (\w+) (lstm|transformer|amn) s([12]) +DONE +epoch 2/2 ", text, flags=re.M)
+    assert len({e[0] for e in confirm_ends}) == 6, text[-4000:]
+    assert {(arch, seed) for _, arch, seed in confirm_ends} == {(a, s) for a in ("lstm", "transformer", "amn")
+                                                                for s in "12"}, text[-4000:]
     logs = re.search(r"^Ray's worker, raylet, Train and Data logs: (\S+) ", text, flags=re.M)
     assert logs and Path(logs.group(1)).is_dir(), text[:2000]
     board = text[text.index("leaderboard demo-1"):text.index("registered ")]

@@ -42,6 +42,7 @@ COLUMNS = {
 TAG_STAGE, TAG_CONFIRM_SEED, TAG_CONFIG_HASH = "stage", "confirm_seed", "config_hash"
 TAG_BEST_BASELINE = "archlab.best_baseline"
 STAGE_SEARCH, STAGE_CONFIRM = "search", "confirm"
+CONFIRM_KEY = "archlab_confirm"  # a confirm trial's Tune config: {CONFIRM_KEY: point (sweep.select_confirm)}
 COLLAPSE_THRESHOLD = 0.98  # val_pred_self_cos above this: predictions barely depend on the input
 COLLAPSE_COS = COLLAPSE_THRESHOLD  # the name the compare branch used
 EDGE_FRACTION = 0.05  # best value within 5% of a bound (log scale for log parameters)

@@ -17,6 +17,8 @@ from typing import Any, Callable
 from ray.train import UserCallback
 from ray.tune import Callback
 
+from archlab.platform.leaderboard import CONFIRM_KEY
+
 # short metric names for the progress lines (the leaderboard has its own column names)
 ABBREV = {
     "val_cosine_seed": "cos_seed", "val_cosine": "cos_all", "val_mse_seed": "mse_seed",
@@ -55,6 +57,16 @@ def progress_line(trial_id: str, arch: str, status: str, done: float, total: flo
     return (f"  {str(trial_id):<8} {arch[:12]:<12} {status[:8]:<8} {UNITS.get(unit, unit)} {done_s:<5} "
             f"[{'#' * filled}{'-' * (BAR - filled)}] {frac * 100:3.0f}% best {ABBREV.get(metric, metric)} "
             f"{best_s} {sps}").rstrip()[:WIDTH]
+
+
+def trial_label(config: dict[str, Any]) -> str:
+    """A progress line's architecture column: a search trial's sampled `arch`; a confirm
+    run's (its config is {CONFIRM_KEY: point}, sweep.select_confirm) the arch of the search
+    config it repeats and its seed, `lstm s2`."""
+    point = config.get(CONFIRM_KEY)
+    if isinstance(point, dict):
+        return f"{point.get('config', {}).get('arch', '?')} s{point.get('seed', '?')}"
+    return str(config.get("arch", "?"))
 
 
 def ray_log_dir() -> str | None:
@@ -99,7 +111,7 @@ class TrialProgress(Callback):
 
     def _state(self, trial) -> _State:
         if trial.trial_id not in self.trials:
-            self.trials[trial.trial_id] = _State(str((trial.config or {}).get("arch", "?")))
+            self.trials[trial.trial_id] = _State(trial_label(trial.config or {}))
         return self.trials[trial.trial_id]
 
     def on_trial_start(self, iteration, trials, trial, **info):
