@@ -263,17 +263,19 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     def on_eval(tr: Trainer, metrics: dict[str, Any], last: bool) -> None:
         nonlocal buffer
         metrics["resumed_from_step"] = float(resumed_from_step)
+        # the checkpoint first (report returns once it is in storage), then the MLflow log:
+        # a run never shows an evaluation whose model is not on disk. Tune may stop the
+        # trial right after this report (ASHA); the writes that then die with the worker
+        # are logged from the checkpoint's metrics.json by the sweep (backfill_epoch_metrics)
+        _report(tr, spec, metrics, rank)
         if buffer is not None:
             # MLflow step = evaluation index (kind epochs: the epoch, 1-based)
             buffer.log_metrics(metrics, step=int(metrics["eval"]))
-            # Tune may stop the trial at this report (ASHA: at once at max_t), so the last
-            # evaluation's metrics are delivered first; earlier ones get a short, bounded wait
             if last:
                 buffer.close()
                 buffer = None
             else:
                 buffer.flush(FLUSH_BEFORE_REPORT_S)
-        _report(tr, spec, metrics, rank)
 
     try:
         trainer.fit(
