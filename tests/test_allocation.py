@@ -53,3 +53,25 @@ def test_allocation_is_validated():
 
     with pytest.raises(ConfigError, match="allocation"):
         load_config(None, ["sweep.allocation=greedy"])
+
+
+def test_concurrent_trials_are_capped_by_the_cores_on_a_one_node_local_ray(monkeypatch):
+    """Logical CPUs (8 on 2 cores, STACK_NOTES) would give 4 one-worker trials at once,
+    which on 2 cores took 1.7x the wall time of 2 (benchmarks/trial_overhead.py); on a
+    one-node local Ray the cores cap the count, on a cluster the CPUs decide."""
+    import ray
+
+    from archlab.platform import sweep
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0})
+    monkeypatch.setattr(sweep.os, "cpu_count", lambda: 2)
+
+    def count(local: bool, *sets: str) -> int:
+        monkeypatch.setattr(sweep, "_one_local_node", lambda: local)
+        return sweep.max_concurrent_trials(load_config(None, ["sweep.num_samples=10", *sets]))
+
+    assert count(False, "train.num_workers=1") == 4  # 8 CPUs // (1 worker + 1 for Ray Data)
+    assert count(True, "train.num_workers=1") == 2  # 2 cores, one worker each
+    assert count(True, "train.num_workers=2") == 1
+    assert count(False, "train.num_workers=2") == 2
+    assert count(True, "sweep.max_concurrent=3") == 3  # an explicit count is kept

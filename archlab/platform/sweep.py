@@ -26,6 +26,7 @@ import functools
 import json
 import logging
 import math
+import os
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -228,7 +229,7 @@ def trial_cfg(base: dict[str, Any], trial_config: dict[str, Any]) -> ArchlabConf
     return ArchlabConfig.model_validate(d)
 
 
-CONFIRM_KEY = "archlab_confirm"  # a confirm trial's Tune config: {CONFIRM_KEY: point (select_confirm)}
+CONFIRM_KEY = leaderboard_tags.CONFIRM_KEY  # a confirm trial's Tune config: {CONFIRM_KEY: point}
 CONFIRM_DIR = "confirm"  # the confirm stage's Tune run: <storage>/<sweep_id>/confirm
 
 
@@ -336,6 +337,24 @@ def backfill_epoch_metrics(c, run_id: str, ckpt_metrics: dict[str, Any]) -> bool
     return True
 
 
+def attach_final_checkpoint(c, trial: dict[str, Any], train_dir) -> bool:
+    """Give `trial` its Train run's final (epoch-end) checkpoint under `train_dir`: its
+    path ("checkpoint"), its model spec ("spec") and its metrics over trial["metrics"]
+    (the checkpoint is the model finalize logs; Tune's last result may be stale), logging
+    them to the run if the worker's writes of that evaluation were lost
+    (backfill_epoch_metrics). False, and `trial` untouched, if there is none."""
+    found = latest_checkpoint(train_dir, epoch_end=True)
+    if found is None:
+        return False
+    ckpt, ckpt_metrics = found
+    if trial.get("run_id") is not None:
+        backfill_epoch_metrics(c, trial["run_id"], ckpt_metrics)
+    trial["metrics"] = {**trial.get("metrics", {}), **ckpt_metrics, "checkpoint_path": ckpt}
+    trial["checkpoint"] = ckpt
+    trial["spec"] = json.loads((Path(ckpt) / "model_spec.json").read_text())
+    return True
+
+
 def train_driver_fn(trial_config: dict[str, Any], *, base: dict, ctx: dict, datasets: dict) -> None:
     """Layer 2: one Tune trial launches one TorchTrainer and forwards its reports to Tune.
 
@@ -438,17 +457,32 @@ def make_searcher(cfg: ArchlabConfig, storage=None, study_name: str | None = Non
 
 def max_concurrent_trials(cfg: ArchlabConfig) -> int:
     """Trials that fit the cluster at once: each needs its workers plus room for Ray Data
-    read tasks (one CPU), or they starve (STACK_NOTES)."""
+    read tasks (one CPU), or they starve (STACK_NOTES). On a one-node cluster on this
+    machine (a local Ray, whose CPUs are logical, more than the cores: STACK_NOTES) no
+    more trials than the cores hold workers: on 2 cores, 8 one-worker smoke trials of the
+    larger hybrids took 260 s 4 at once and 176 s 2 at once; 4 small ones 76 s either
+    way (benchmarks/trial_overhead.py, BENCHMARKS.md)."""
     import ray
 
     if cfg.sweep.max_concurrent:
         return cfg.sweep.max_concurrent
     res = ray.cluster_resources()
-    per_trial = cfg.train.num_workers * cfg.train.cpus_per_worker + 1.0
-    n = int(res.get("CPU", 1) // per_trial)
+    per_worker = cfg.train.num_workers * cfg.train.cpus_per_worker
+    n = int(res.get("CPU", 1) // (per_worker + 1.0))
+    if _one_local_node():
+        n = min(n, max(1, int((os.cpu_count() or 1) // max(per_worker, 1.0))))
     if cfg.train.use_gpu and res.get("GPU", 0):
         n = min(n, int(res["GPU"] // cfg.train.num_workers))
     return max(1, min(n, cfg.sweep.num_samples))
+
+
+def _one_local_node() -> bool:
+    """Whether the cluster is one node, this machine."""
+    import ray
+    from ray._private.services import get_node_ip_address
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    return len(nodes) == 1 and nodes[0].get("NodeManagerAddress") == get_node_ip_address()
 
 
 def _sweep_id(storage: str, name: str, resume: bool) -> str:
@@ -706,15 +740,8 @@ def _trial_outcome(result, job: Job, parent_id: str) -> dict[str, Any]:
         except Exception:  # a config the platform refuses: an errored trial, never confirmed
             h = None
         out.update(stage=leaderboard_tags.STAGE_SEARCH, config=config, config_hash=h)
-    found = latest_checkpoint(rec["train_dir"], epoch_end=True) if rec.get("train_dir") else None
-    if found is not None:
-        ckpt, ckpt_metrics = found
-        if run_id is not None:
-            backfill_epoch_metrics(c, run_id, ckpt_metrics)
-        out["metrics"] = {**metrics, **ckpt_metrics, "checkpoint_path": ckpt}
-        out["checkpoint"] = ckpt
-        out["spec"] = json.loads((Path(ckpt) / "model_spec.json").read_text())
-    elif error is None:
+    found = rec.get("train_dir") and attach_final_checkpoint(c, out, rec["train_dir"])
+    if not found and error is None:
         where = rec.get("train_dir") or result.path
         error = out["error"] = f"no loadable checkpoint under {where} (the trial ended before its first epoch)"
     if run_id is not None:
@@ -993,14 +1020,9 @@ def _train_one(cfg: ArchlabConfig, job: Job, sweep_id: str, parent_id: str, verb
     except TrialFailed as e:  # terminal: the run is FAILED with its reason, nothing is retried
         tracking.end_run(c, run_id, "FAILED", str(e))
         raise
-    found = latest_checkpoint(Path(job.storage) / sweep_id, epoch_end=True)
-    metrics = dict(result.metrics or {})
-    trial = {"trial_id": sweep_id, "metrics": metrics, "run_id": run_id, "error": None}
-    if found is not None:
-        backfill_epoch_metrics(c, run_id, found[1])
-        trial["checkpoint"] = found[0]
-        trial["metrics"] = metrics = {**metrics, **found[1]}
-        trial["spec"] = json.loads(Path(found[0], "model_spec.json").read_text())
+    trial = {"trial_id": sweep_id, "metrics": dict(result.metrics or {}), "run_id": run_id, "error": None}
+    attach_final_checkpoint(c, trial, Path(job.storage) / sweep_id)
+    metrics = trial["metrics"]
     decisions, board = finalize(job, [trial] if "spec" in trial else [], parent_id)
     if trial.get("error") or "spec" not in trial:
         reason = trial.get("error") or f"no loadable checkpoint under {Path(job.storage) / sweep_id}"
