@@ -75,3 +75,46 @@ def test_concurrent_trials_are_capped_by_the_cores_on_a_one_node_local_ray(monke
     assert count(True, "train.num_workers=2") == 1
     assert count(False, "train.num_workers=2") == 2
     assert count(True, "sweep.max_concurrent=3") == 3  # an explicit count is kept
+
+
+def test_random_sampler_and_no_early_stopping_are_the_search_baseline():
+    """sweep.sampler=random draws uniformly inside the same spaces and allocation;
+    sweep.early_stopping=none runs every trial its whole budget (Tune's FIFOScheduler)."""
+    import optuna
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    from archlab.platform.sweep import asha_scheduler
+
+    cfg = load_config(None, [f"sweep.archs={ARCHS}", "sweep.num_samples=6", "sweep.sampler=random",
+                             "sweep.early_stopping=none"], smoke_test=True)
+    searcher = make_searcher(cfg)
+    assert isinstance(searcher._sampler, optuna.samplers.RandomSampler)
+    assert type(asha_scheduler(cfg)) is FIFOScheduler
+    assert isinstance(asha_scheduler(load_config(None, [], smoke_test=True)), ASHAScheduler)
+    metric, _ = cfg.metric()
+    drawn = []
+    for i in range(6):
+        config = searcher.suggest(f"t{i}")
+        drawn.append(config["arch"])
+        searcher.on_trial_complete(f"t{i}", {metric: 0.5, "epoch": 1})
+    assert drawn == ARCHS * 2  # the equal allocation holds for random draws too
+    with pytest.raises(Exception, match="sampler"):
+        load_config(None, ["sweep.sampler=grid"])
+
+
+def test_tpe_draws_its_startup_trials_as_random_search_does():
+    """TPE's first sweep.tpe_startup_trials trials are the uniform draws RandomSampler
+    makes with the same seed: below that count TPE is random search (BENCHMARKS.md)."""
+    def draws(*sets: str) -> list[dict]:
+        cfg = load_config(None, ["sweep.archs=[lstm]", "sweep.num_samples=6", *sets], smoke_test=True)
+        metric, _ = cfg.metric()
+        searcher, out = make_searcher(cfg), []
+        for i in range(6):
+            out.append(searcher.suggest(f"t{i}"))
+            searcher.on_trial_complete(f"t{i}", {metric: 0.1 * i, "epoch": 1})
+        return out
+
+    random = draws("sweep.sampler=random")
+    assert draws() == random  # 6 trials < the default 10 startup trials
+    assert draws("sweep.tpe_startup_trials=2")[:2] == random[:2]
+    assert draws("sweep.tpe_startup_trials=2")[2:] != random[2:]  # TPE models from trial 3 on

@@ -226,6 +226,16 @@ class SweepConfig(_Strict):
     # one more); TPE still samples each architecture's own space. tpe: every architecture
     # gets one trial, then TPE also chooses the architecture (a weak start can starve one).
     allocation: Literal["equal", "tpe"] = "equal"
+    # how a trial's config is drawn inside its architecture's space: tpe (Optuna's TPE) or
+    # random (Optuna's RandomSampler over the same space and allocation): the baseline a
+    # search is measured against (benchmarks/search_efficiency.py)
+    sampler: Literal["tpe", "random"] = "tpe"
+    # TPE's first trials are uniform draws (Optuna's n_startup_trials, its default 10), the
+    # same ones RandomSampler makes with the same seed: a sweep of <= this many trials is a
+    # random search whatever `sampler` says
+    tpe_startup_trials: int = Field(10, ge=1)
+    # asha: weak trials stop at ASHA's rungs; none: every trial runs its whole budget
+    early_stopping: Literal["asha", "none"] = "asha"
     confirm: ConfirmConfig = Field(default_factory=ConfirmConfig)
 
     @field_validator("archs")

@@ -438,18 +438,23 @@ def allocation_points(cfg: ArchlabConfig) -> list[dict[str, str]]:
 
 
 def make_searcher(cfg: ArchlabConfig, storage=None, study_name: str | None = None):
-    """The search stage's OptunaSearch: TPE over each architecture's own space, with the
-    architectures fixed by `allocation_points`; `storage` (an Optuna journal) persists the
+    """The search stage's OptunaSearch: TPE (sweep.sampler=random: uniform draws) over each
+    architecture's own space, with the architectures fixed by `allocation_points`; `storage` (an Optuna journal) persists the
     study for the report and optuna-dashboard."""
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
     metric, mode = cfg.metric()
+    if cfg.sweep.sampler == "random":
+        sampler = optuna.samplers.RandomSampler(seed=cfg.sweep.seed)
+    else:
+        sampler = optuna.samplers.TPESampler(seed=cfg.sweep.seed, multivariate=True, group=True,
+                                             n_startup_trials=cfg.sweep.tpe_startup_trials)
     return OptunaSearch(
         space=functools.partial(define_space, archs=list(cfg.sweep.archs), smoke=cfg.smoke_test,
                                 overrides=cfg.sweep.space_overrides, task=cfg.train.task),
         metric=metric, mode=mode,
-        sampler=optuna.samplers.TPESampler(seed=cfg.sweep.seed, multivariate=True, group=True),
+        sampler=sampler,
         points_to_evaluate=allocation_points(cfg) or None,
         storage=storage, study_name=study_name,
     )
@@ -674,8 +679,12 @@ def asha_budget(cfg: ArchlabConfig) -> tuple[str, float, float]:
 
 
 def asha_scheduler(cfg: ArchlabConfig):
-    """The sweep's ASHAScheduler on the budget (asha_budget)."""
-    from ray.tune.schedulers import ASHAScheduler
+    """The sweep's ASHAScheduler on the budget (asha_budget); Tune's FIFOScheduler (no
+    early stopping) under sweep.early_stopping=none."""
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    if cfg.sweep.early_stopping == "none":
+        return FIFOScheduler()
 
     time_attr, max_t, grace = asha_budget(cfg)
     if cfg.train.budget_kind == "epochs":  # integers, exactly as before budgets
