@@ -72,20 +72,24 @@ def test_progress_prints_one_line_per_running_trial():
 
 
 def test_a_confirm_runs_progress_line_names_its_architecture_and_seed():
-    """A confirm trial's Tune config is {CONFIRM_KEY: point}: its line names the arch of the
-    search config it repeats and the seed, not `?`."""
+    """A confirm trial's Tune config is {CONFIRM_KEY: point}: its line names its run
+    (c<config hash>-s<seed>) and the arch of the search config it repeats, not `?`; the
+    longest arch name still fits."""
     from archlab.platform.progress import trial_progress
     from archlab.platform.sweep import CONFIRM_KEY
 
     out = []
     cb = trial_progress("val_cosine_seed", "max", time_attr="epoch", max_t=2, interval_s=0.0, out=out.append)
     t = _trial("da529_00004", "lstm")
-    t.config = {CONFIRM_KEY: {"trial_id": "0898ec77", "seed": 2, "config": {"arch": "amn", "d_model": 64}}}
+    t.config = {CONFIRM_KEY: {"trial_id": "demo-1-c1a2b3c4d-s2", "seed": 2, "arch": "transformer",
+                              "config_hash": "1a2b3c4d5e6f", "config": {"arch": "transformer", "d_model": 64}}}
     cb.on_trial_start(iteration=0, trials=[t], trial=t)
-    cb.on_trial_result(iteration=1, trials=[t], trial=t, result={"epoch": 2, "val_cosine_seed": 0.5})
+    cb.on_trial_result(iteration=1, trials=[t], trial=t,
+                       result={"epoch": 2, "val_cosine_seed": 0.5, "samples_per_s": 12345.0})
     t.status = "TERMINATED"
     cb.on_trial_complete(iteration=2, trials=[t], trial=t)
-    assert re.search(r"^  da529_00004 amn s2 +DONE +epoch 2/2 ", out[-1]), out
+    assert re.search(r"^  c1a2b3c-s2 transformer +DONE +epoch 2/2 .* 12k samples/s$", out[-1]), out
+    assert len(out[-1]) <= 100
 
 
 def test_progress_callback_survives_the_tuner_pickle():
@@ -112,9 +116,9 @@ def test_smoke_demo_console_is_quiet_and_the_leaderboard_whole(smoke_demo):
     # trials and the confirm stage's 6 (3 archs x 2 seeds, all DONE: no ASHA there)
     ends = re.findall(r"^  (\w{8}) (lstm|transformer|amn) +(DONE|STOPPED) +epoch \d/2 ", text, flags=re.M)
     assert len({e[0] for e in ends}) == 4, text[-4000:]
-    confirm_ends = re.findall(r"^  (\w+) (lstm|transformer|amn) s([12]) +DONE +epoch 2/2 ", text, flags=re.M)
+    confirm_ends = re.findall(r"^  (c\w{6}-s([12])) (lstm|transformer|amn) +DONE +epoch 2/2 ", text, flags=re.M)
     assert len({e[0] for e in confirm_ends}) == 6, text[-4000:]
-    assert {(arch, seed) for _, arch, seed in confirm_ends} == {(a, s) for a in ("lstm", "transformer", "amn")
+    assert {(arch, seed) for _, seed, arch in confirm_ends} == {(a, s) for a in ("lstm", "transformer", "amn")
                                                                 for s in "12"}, text[-4000:]
     logs = re.search(r"^Ray's worker, raylet, Train and Data logs: (\S+) ", text, flags=re.M)
     assert logs and Path(logs.group(1)).is_dir(), text[:2000]

@@ -52,21 +52,24 @@ def progress_line(trial_id: str, arch: str, status: str, done: float, total: flo
     frac = min(max(done / total, 0.0), 1.0) if total else 0.0
     filled = round(frac * BAR)
     best_s = f"{best:.4f}" if best is not None else "-"
-    sps = f"{samples_per_s:,.0f} samples/s" if samples_per_s is not None else ""
+    sps = "" if samples_per_s is None else (f"{samples_per_s:,.0f} samples/s" if samples_per_s < 10_000
+                                             else f"{_amount(samples_per_s)} samples/s")
     done_s = f"{done:g}/{total:g}" if unit == "epoch" else f"{_amount(done)}/{_amount(total)}"
-    return (f"  {str(trial_id):<8} {arch[:12]:<12} {status[:8]:<8} {UNITS.get(unit, unit)} {done_s:<5} "
+    return (f"  {str(trial_id):<8} {arch[:12]:<12} {status[:7]:<7} {UNITS.get(unit, unit)} {done_s:<5} "
             f"[{'#' * filled}{'-' * (BAR - filled)}] {frac * 100:3.0f}% best {ABBREV.get(metric, metric)} "
             f"{best_s} {sps}").rstrip()[:WIDTH]
 
 
-def trial_label(config: dict[str, Any]) -> str:
-    """A progress line's architecture column: a search trial's sampled `arch`; a confirm
-    run's (its config is {CONFIRM_KEY: point}, sweep.select_confirm) the arch of the search
-    config it repeats and its seed, `lstm s2`."""
+def trial_label(trial_id: str, config: dict[str, Any]) -> tuple[str, str]:
+    """A progress line's (trial, architecture) columns. A search trial: its Tune trial id
+    and sampled `arch`. A confirm run (its config is {CONFIRM_KEY: point},
+    sweep.select_confirm): `c<config hash, 6 digits>-s<seed>` (its run is named
+    `trial-<sweep>-c<8 digits>-s<seed>`) and the arch of the search config it repeats."""
     point = config.get(CONFIRM_KEY)
     if isinstance(point, dict):
-        return f"{point.get('config', {}).get('arch', '?')} s{point.get('seed', '?')}"
-    return str(config.get("arch", "?"))
+        arch = point.get("arch") or point.get("config", {}).get("arch", "?")
+        return f"c{str(point.get('config_hash', '?'))[:6]}-s{point.get('seed', '?')}", str(arch)
+    return str(trial_id), str(config.get("arch", "?"))
 
 
 def ray_log_dir() -> str | None:
@@ -88,8 +91,8 @@ def _better(a: float, b: float | None, mode: str) -> bool:
 class _State:
     """What the console knows of one trial."""
 
-    def __init__(self, arch: str):
-        self.arch, self.status = arch, "PENDING"
+    def __init__(self, name: str, arch: str):
+        self.name, self.arch, self.status = name, arch, "PENDING"
         self.done, self.best, self.sps = 0.0, None, None
 
 
@@ -111,7 +114,7 @@ class TrialProgress(Callback):
 
     def _state(self, trial) -> _State:
         if trial.trial_id not in self.trials:
-            self.trials[trial.trial_id] = _State(trial_label(trial.config or {}))
+            self.trials[trial.trial_id] = _State(*trial_label(trial.trial_id, trial.config or {}))
         return self.trials[trial.trial_id]
 
     def on_trial_start(self, iteration, trials, trial, **info):
@@ -133,7 +136,7 @@ class TrialProgress(Callback):
         if status == "TERMINATED":  # by ASHA (a weak trial) before its budget, else done
             status = "STOPPED" if s.done < self.max_t else "DONE"
         s.status = status
-        self.out(progress_line(trial.trial_id, s.arch, status, s.done, self.max_t, self.metric,
+        self.out(progress_line(s.name, s.arch, status, s.done, self.max_t, self.metric,
                                s.best, s.sps, unit=self.time_attr))
 
     def on_trial_complete(self, iteration, trials, trial, **info):
@@ -150,15 +153,15 @@ class TrialProgress(Callback):
         elapsed = time.monotonic() - self.t0
         head = f"[{int(elapsed // 60)}:{int(elapsed % 60):02d}] trials: " + " | ".join(
             f"{n} {k}" for k, n in sorted(counts.items()))
-        best = [(s.best, tid, s.arch) for tid, s in self.trials.items() if s.best is not None]
+        best = [(s.best, s.name, s.arch) for s in self.trials.values() if s.best is not None]
         if best:
-            v, tid, arch = (max if self.mode == "max" else min)(best)
-            head += f"   best {ABBREV.get(self.metric, self.metric)} {v:.4f} ({arch} {tid[:8]})"
+            v, name, arch = (max if self.mode == "max" else min)(best)
+            head += f"   best {ABBREV.get(self.metric, self.metric)} {v:.4f} ({arch} {name})"
         lines = [head]
         for t in trials:
             if t.status == "RUNNING":
                 s = self._state(t)
-                lines.append(progress_line(t.trial_id, s.arch, "RUNNING", s.done, self.max_t, self.metric,
+                lines.append(progress_line(s.name, s.arch, "RUNNING", s.done, self.max_t, self.metric,
                                            s.best, s.sps, unit=self.time_attr))
         return lines
 
