@@ -81,7 +81,8 @@ def main() -> None:
     ap.add_argument("--data", default=None, help="an archlab vector dataset (default: the shared vectors)")
     ap.add_argument("--work", default="/tmp/archlab-search-efficiency", help="where the shared vectors are prepared")
     ap.add_argument("--archs", default="lstm,amn")
-    ap.add_argument("--trials", type=int, default=12, help="search trials per sweep (split equally over archs)")
+    ap.add_argument("--trials", type=int, default=24,
+                    help="search trials per sweep (split equally over archs; TPE models after its 10 startup draws)")
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--steps", type=int, default=40, help="optimizer steps per epoch")
     ap.add_argument("--repeats", type=int, default=3)
