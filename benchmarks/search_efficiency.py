@@ -23,32 +23,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-SAMPLE = REPO / "data" / "wikitext2-minilm384-sample"
-SHARED = Path(os.environ.get("ARCHLAB_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 ARMS = {"tpe+asha": ["sweep.sampler=tpe", "sweep.early_stopping=asha"],
         "random": ["sweep.sampler=random", "sweep.early_stopping=none"]}
-
-
-def prepare(work: Path) -> Path:
-    """The shared vectors as an archlab dataset (train and valid), once."""
-    from archlab.platform.prepare import parquet_to_vector_shards
-
-    src = SHARED / "wikitext2-minilm384"
-    if not src.exists():
-        sys.exit(f"shared data {src} is absent (set ARCHLAB_SHARED_DATA)")
-    for split in ("train", "valid"):
-        parquet_to_vector_shards(src / f"{split}.parquet", work, split=split, id_col="article_id",
-                                 vectors_col="embeddings", texts_col="chunks_detok", rows_per_shard=100)
-    return work
 
 
 def timeline(result: dict, metric: str, mode: str) -> list[tuple[float, float, float]]:
@@ -94,7 +76,9 @@ def main() -> None:
     from archlab.platform.runtime import start_local_ray
     from archlab.platform.sweep import run_sweep
 
-    data = Path(args.data) if args.data else (SAMPLE if args.smoke_test else prepare(Path(args.work)))
+    from data_pipeline import prepare_data  # benchmarks/: the shared vectors prepared once into --work
+
+    data = Path(args.data) if args.data else prepare_data(Path(args.work), args.smoke_test)
     start_local_ray(8, log_to_driver=False)
     ratios, rows = [], []
     with tempfile.TemporaryDirectory() as tmp:
