@@ -656,7 +656,7 @@ def test_mlflow_server_down_mid_run_stalls_no_epoch_and_loses_nothing(ray_local,
     before = sorted(g for a, g in zip(stamps, gaps) if a < t_down)
     assert len(during) >= 3, (during, t_down, t_restart)  # training went on while the server was down
     typical = before[len(before) // 2]
-    # an epoch waits at most FLUSH_BEFORE_REPORT_S (1 s) for its metrics to be delivered
+    # an epoch waits at most FLUSH_AFTER_LOG_S (1 s) for its metrics to be delivered
     assert max(during) <= typical + 1.0 + 0.5 * typical, (during, typical)
     print(f"FIGURE mlflow outage: {t_restart - t_down:.0f} s down, {len(during)} epochs logged meanwhile, "
           f"max epoch gap {max(during):.2f} s vs typical {typical:.2f} s (during the server's "

@@ -48,9 +48,9 @@ SPEC_FILE = "model_spec.json"
 # Set on the metrics of a mid-epoch checkpoint report: Tune does not see those reports
 # (they carry no new evaluation; see TuneEpochReportCallback), Train keeps the checkpoint.
 MID_EPOCH = "mid_epoch"
-# Before an epoch's report the worker waits this long at most for MLflow to take the
-# epoch's metrics; the final epoch waits for all of them (MlflowBuffer.close).
-FLUSH_BEFORE_REPORT_S = 1.0
+# After logging an evaluation's metrics (which follows its report) the worker waits this
+# long at most for MLflow to take them; the last evaluation waits for all (MlflowBuffer.close).
+FLUSH_AFTER_LOG_S = 1.0
 
 
 def model_spec(cfg: ArchlabConfig, data_info: dict[str, Any]) -> dict[str, Any]:
@@ -275,7 +275,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
                 buffer.close()
                 buffer = None
             else:
-                buffer.flush(FLUSH_BEFORE_REPORT_S)
+                buffer.flush(FLUSH_AFTER_LOG_S)
 
     try:
         trainer.fit(
