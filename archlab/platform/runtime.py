@@ -45,6 +45,23 @@ def storage_path(cfg: ArchlabConfig) -> str:
     return str(p)
 
 
+def alive_nodes(nodes: list[dict] | None = None) -> list[dict]:
+    """The live nodes of `nodes` (default: ray.nodes() of the connected cluster)."""
+    if nodes is None:
+        import ray
+
+        nodes = ray.nodes()
+    return [n for n in nodes if n.get("Alive", n.get("alive", False))]
+
+
+def one_local_node() -> bool:
+    """Whether the connected cluster is one node, this machine (a local Ray)."""
+    from ray._private.services import get_node_ip_address
+
+    alive = alive_nodes()
+    return len(alive) == 1 and alive[0].get("NodeManagerAddress") == get_node_ip_address()
+
+
 def check_shared_storage(storage: str, cfg: ArchlabConfig, nodes: list[dict] | None = None,
                          probe=None) -> None:
     """Refuse, before any worker starts, a storage path the cluster's nodes do not share.
@@ -58,11 +75,7 @@ def check_shared_storage(storage: str, cfg: ArchlabConfig, nodes: list[dict] | N
     and `probe` (nodes, folder, token -> node ids that failed) are there for tests."""
     if "://" in storage:
         return
-    if nodes is None:
-        import ray
-
-        nodes = ray.nodes()
-    alive = [n for n in nodes if n.get("Alive", n.get("alive", False))]
+    alive = alive_nodes(nodes)
     if len(alive) <= 1:
         return
     if not cfg.sweep.storage_shared:

@@ -439,8 +439,8 @@ def allocation_points(cfg: ArchlabConfig) -> list[dict[str, str]]:
 
 def make_searcher(cfg: ArchlabConfig, storage=None, study_name: str | None = None):
     """The search stage's OptunaSearch: TPE (sweep.sampler=random: uniform draws) over each
-    architecture's own space, with the architectures fixed by `allocation_points`; `storage` (an Optuna journal) persists the
-    study for the report and optuna-dashboard."""
+    architecture's own space, with the architectures fixed by `allocation_points`;
+    `storage` (an Optuna journal) persists the study for the report and optuna-dashboard."""
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
@@ -469,25 +469,18 @@ def max_concurrent_trials(cfg: ArchlabConfig) -> int:
     way (benchmarks/trial_overhead.py, BENCHMARKS.md)."""
     import ray
 
+    from archlab.platform.runtime import one_local_node
+
     if cfg.sweep.max_concurrent:
         return cfg.sweep.max_concurrent
     res = ray.cluster_resources()
     per_worker = cfg.train.num_workers * cfg.train.cpus_per_worker
     n = int(res.get("CPU", 1) // (per_worker + 1.0))
-    if _one_local_node():
+    if one_local_node():
         n = min(n, max(1, int((os.cpu_count() or 1) // max(per_worker, 1.0))))
     if cfg.train.use_gpu and res.get("GPU", 0):
         n = min(n, int(res["GPU"] // cfg.train.num_workers))
     return max(1, min(n, cfg.sweep.num_samples))
-
-
-def _one_local_node() -> bool:
-    """Whether the cluster is one node, this machine."""
-    import ray
-    from ray._private.services import get_node_ip_address
-
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
-    return len(nodes) == 1 and nodes[0].get("NodeManagerAddress") == get_node_ip_address()
 
 
 def _sweep_id(storage: str, name: str, resume: bool) -> str:
