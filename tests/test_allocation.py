@@ -14,20 +14,24 @@ from archlab.platform.sweep import allocation_points, make_searcher
 ARCHS = ["lstm", "gru_stack", "transformer"]
 
 
+def _suggest(cfg, n: int, score) -> list[dict]:
+    """`n` configs from the search stage's real searcher, the i-th completed with score(i, config)."""
+    metric, _ = cfg.metric()
+    searcher, out = make_searcher(cfg), []
+    for i in range(n):
+        out.append(searcher.suggest(f"t{i}"))
+        searcher.on_trial_complete(f"t{i}", {metric: score(i, out[-1]), "epoch": 1})
+    return out
+
+
 def _run(allocation: str, n: int, score) -> tuple[Counter, list[str]]:
     cfg = load_config(None, [f"sweep.archs={ARCHS}", f"sweep.num_samples={n}",
                              f"sweep.allocation={allocation}"], smoke_test=True)
-    metric, _ = cfg.metric()
-    searcher = make_searcher(cfg)
-    got, order = Counter(), []
-    for i in range(n):
-        config = searcher.suggest(f"t{i}")
-        arch = config["arch"]
-        assert any(k.startswith(arch + ".") for k in config), config  # TPE sampled its own space
-        got[arch] += 1
-        order.append(arch)
-        searcher.on_trial_complete(f"t{i}", {metric: score(arch), "epoch": 1})
-    return got, order
+    configs = _suggest(cfg, n, lambda i, config: score(config["arch"]))
+    for config in configs:  # TPE sampled each trial's own space
+        assert any(k.startswith(config["arch"] + ".") for k in config), config
+    order = [config["arch"] for config in configs]
+    return Counter(order), order
 
 
 def test_equal_allocation_gives_every_architecture_the_same_number_of_search_trials():
@@ -57,17 +61,19 @@ def test_allocation_is_validated():
 
 def test_concurrent_trials_are_capped_by_the_cores_on_a_one_node_local_ray(monkeypatch):
     """Logical CPUs (8 on 2 cores, STACK_NOTES) would give 4 one-worker trials at once,
-    which on 2 cores took 1.7x the wall time of 2 (benchmarks/trial_overhead.py); on a
+    which on 2 cores took up to 1.48x the wall time of 2 (benchmarks/trial_overhead.py); on a
     one-node local Ray the cores cap the count, on a cluster the CPUs decide."""
     import ray
 
     from archlab.platform import sweep
 
+    from archlab.platform import runtime
+
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0})
     monkeypatch.setattr(sweep.os, "cpu_count", lambda: 2)
 
     def count(local: bool, *sets: str) -> int:
-        monkeypatch.setattr(sweep, "_one_local_node", lambda: local)
+        monkeypatch.setattr(runtime, "one_local_node", lambda: local)
         return sweep.max_concurrent_trials(load_config(None, ["sweep.num_samples=10", *sets]))
 
     assert count(False, "train.num_workers=1") == 4  # 8 CPUs // (1 worker + 1 for Ray Data)
@@ -91,12 +97,7 @@ def test_random_sampler_and_no_early_stopping_are_the_search_baseline():
     assert isinstance(searcher._sampler, optuna.samplers.RandomSampler)
     assert type(asha_scheduler(cfg)) is FIFOScheduler
     assert isinstance(asha_scheduler(load_config(None, [], smoke_test=True)), ASHAScheduler)
-    metric, _ = cfg.metric()
-    drawn = []
-    for i in range(6):
-        config = searcher.suggest(f"t{i}")
-        drawn.append(config["arch"])
-        searcher.on_trial_complete(f"t{i}", {metric: 0.5, "epoch": 1})
+    drawn = [config["arch"] for config in _suggest(cfg, 6, lambda i, config: 0.5)]
     assert drawn == ARCHS * 2  # the equal allocation holds for random draws too
     with pytest.raises(Exception, match="sampler"):
         load_config(None, ["sweep.sampler=grid"])
@@ -107,12 +108,7 @@ def test_tpe_draws_its_startup_trials_as_random_search_does():
     makes with the same seed: below that count TPE is random search (BENCHMARKS.md)."""
     def draws(*sets: str) -> list[dict]:
         cfg = load_config(None, ["sweep.archs=[lstm]", "sweep.num_samples=6", *sets], smoke_test=True)
-        metric, _ = cfg.metric()
-        searcher, out = make_searcher(cfg), []
-        for i in range(6):
-            out.append(searcher.suggest(f"t{i}"))
-            searcher.on_trial_complete(f"t{i}", {metric: 0.1 * i, "epoch": 1})
-        return out
+        return _suggest(cfg, 6, lambda i, config: 0.1 * i)
 
     random = draws("sweep.sampler=random")
     assert draws() == random  # 6 trials < the default 10 startup trials
