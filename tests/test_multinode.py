@@ -178,7 +178,7 @@ def test_two_worker_trial_spans_both_nodes_submitted_with_the_token(two_nodes, t
     assert "SUCCEEDED" in text, text[-4000:]
     # the quiet console of `archlab train`: a progress line per epoch, from rank 0's reports
     assert re.search(r"^  train-lstm-1 lstm +RUNNING +epoch 1/2 .* samples/s$", text, flags=re.M), text[-4000:]
-    assert re.search(r"^  train-lstm-1 lstm +FINISHED epoch 2/2 +\[########\] 100% best cos_seed", text, flags=re.M)
+    assert re.search(r"^  train-lstm-1 lstm +DONE +epoch 2/2 +\[########\] 100% best cos_seed", text, flags=re.M)
     assert "TrainingReport" not in text, text[-4000:]
     print(f"trial job in {time.monotonic() - t0:.0f} s")
     nodes = _alive_nodes(two_nodes["url"], two_nodes["token"])

@@ -231,7 +231,7 @@ class RunFollower:
         if isinstance(value, (int, float)) and value == value and _better(float(value), self.best, self.mode):
             self.best = float(value)
         done = float(report.get(self.time_attr, 0))
-        status = "FINISHED" if done >= self.epochs else "RUNNING"
+        status = "DONE" if done >= self.epochs else "RUNNING"  # the sweep's words, within the 7-wide column
         self.out(progress_line(self.name, self.arch, status, done, self.epochs, self.metric, self.best,
                                report.get("samples_per_s"), unit=self.time_attr))
         self.lines += 1
