@@ -40,9 +40,29 @@ def _plt():
 
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # "tight": a legend outside the axes stays in
     _plt().close(fig)
     return path
+
+
+def _arch_colors(archs) -> dict[str, Any]:
+    """One distinct colour per architecture, the same in every plot of a report (the default
+    cycle repeats after 10: a 20-architecture sweep drew amn and mamba2 in one blue)."""
+    cmap = _plt().get_cmap("tab10" if len(archs) <= 10 else "tab20")
+    return {a: cmap(i % cmap.N) for i, a in enumerate(sorted(archs))}
+
+
+def _legend(ax) -> None:
+    """In the axes for a few entries; beside them for more, so it never hides the curves or
+    the title (20 architectures filled a 7-inch plot)."""
+    handles, _ = ax.get_legend_handles_labels()
+    if not handles:
+        return
+    if len(handles) <= 6:
+        ax.legend(fontsize=8)
+    else:
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0,
+                  ncol=1 + (len(handles) - 1) // 22)
 
 
 def _history(c, run_id: str, key: str) -> dict[int, float]:
@@ -74,7 +94,9 @@ def _arch_runs(runs: list) -> dict[str, list]:
 def plot_curves(c, runs: list, metric: str, mode: str, path: Path) -> Path:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for arch, rs in sorted(_arch_runs(runs).items()):
+    by_arch = _arch_runs(runs)
+    colors = _arch_colors(by_arch)
+    for arch, rs in sorted(by_arch.items()):
         confirm = [r for r in rs if lb.stage(r) == lb.STAGE_CONFIRM]
         if not confirm:
             scored = [r for r in rs if lb._finite(r.data.metrics.get(metric))]
@@ -89,14 +111,13 @@ def plot_curves(c, runs: list, metric: str, mode: str, path: Path) -> Path:
             continue
         xs = [sum(pts[r.info.run_id][0][i] for r in confirm) / len(confirm) for i in range(n)]
         ivs = [stats.t_interval([pts[r.info.run_id][1][i] for r in confirm]) for i in range(n)]
-        line, = ax.plot(xs, [iv.mean for iv in ivs], marker="o", ms=3, label=f"{arch} (n={len(confirm)})")
+        ax.plot(xs, [iv.mean for iv in ivs], marker="o", ms=3, color=colors[arch], label=f"{arch} (n={len(confirm)})")
         if len(confirm) > 1:
-            ax.fill_between(xs, [iv.lo for iv in ivs], [iv.hi for iv in ivs], color=line.get_color(), alpha=0.2)
+            ax.fill_between(xs, [iv.lo for iv in ivs], [iv.hi for iv in ivs], color=colors[arch], alpha=0.15)
     ax.set_xlabel(label if runs else "epoch")
     ax.set_ylabel(metric)
     ax.set_title("learning curves: mean and 95% t band over confirm seeds")
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8)
+    _legend(ax)
     ax.grid(alpha=0.3)
     return _save(fig, path)
 
@@ -117,11 +138,13 @@ def plot_pareto(runs: list, metric: str, mode: str, path: Path) -> Path:
     xkey, xlabel = next(((k, lab) for k, lab in X_KEYS + (("train_time_s", "train seconds"),)
                          if any(lb._finite(r.data.metrics.get(k)) for r in runs)), (None, "run"))
     points = []
-    for arch, rs in sorted(_arch_runs(runs).items()):
+    by_arch = _arch_runs(runs)
+    colors = _arch_colors(by_arch)
+    for arch, rs in sorted(by_arch.items()):
         pts = [(r.data.metrics[xkey] if xkey else i, r.data.metrics[metric]) for i, r in enumerate(rs)
                if lb._finite(r.data.metrics.get(metric)) and (xkey is None or lb._finite(r.data.metrics.get(xkey)))]
         if pts:
-            ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=18, label=arch, alpha=0.8)
+            ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=18, label=arch, alpha=0.8, color=colors[arch])
             points += pts
     front = pareto_front(points, mode)
     if front:
@@ -133,8 +156,7 @@ def plot_pareto(runs: list, metric: str, mode: str, path: Path) -> Path:
     ax.set_xlabel(xlabel)
     ax.set_ylabel(f"final {metric}")
     ax.set_title(f"score vs compute ({len(points)} runs)")
-    if points:
-        ax.legend(fontsize=8)
+    _legend(ax)
     ax.grid(alpha=0.3)
     return _save(fig, path)
 
