@@ -18,7 +18,7 @@ CONFIGS = Path(__file__).resolve().parent / "configs"
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config (see archlab/configs/).")
 SetOpt = typer.Option(None, "--set", "-s", help="Override, e.g. train.lr=1e-3 or model.d_model=64 (repeatable).")
-SmokeOpt = typer.Option(False, "--smoke-test", help="debug flavors, tiny budget: seconds to a couple of minutes on CPU.")
+SmokeOpt = typer.Option(False, "--smoke-test", help="debug flavors, tiny budget, 1 worker per trial: seconds to a few minutes on CPU.")
 VerboseOpt = typer.Option(False, "--verbose", "-v", help="Also print Ray's worker logs, Tune's per-trial tables and Ray Data progress (always in the Ray session's log files).")
 
 

@@ -25,3 +25,35 @@ def test_marked_parameters_are_not_weight_decayed():
     for p in model.parameters():
         same = torch.equal(p.detach(), before[id(p)])
         assert same == (id(p) in marked or not p.detach().abs().sum())
+
+
+def test_local_mode_checkpoints_keep_the_two_newest_and_resume_from_the_newest_that_loads(tmp_path):
+    """train.num_workers 0 (local mode) has no Train controller: the loop writes its own
+    checkpoints under the run's folder, named so that order is (evaluation, step), keeps
+    the two newest, and a restarted trial takes the newest one that loads."""
+    import json
+
+    from archlab.platform.config import load_config
+    from archlab.platform.sweep import latest_checkpoint
+    from archlab.platform.train import MID_EPOCH, build_from_spec, model_spec, newest_local_checkpoint, persist_local
+    from archlab.platform.trainer import Trainer
+
+    cfg = load_config(None, ["model.arch=lstm", "train.num_workers=0"], smoke_test=True)
+    spec = model_spec(cfg, {"dim": 8, "vocab_size": None})
+    trainer = Trainer(build_from_spec(spec), cfg, total_steps=20)
+    run = tmp_path / "train-trial_id=t1"
+    written = []
+    for step, ev, mid in ((5, 0, True), (10, 1, False), (15, 1, True), (20, 2, False)):
+        trainer.step = step
+        metrics = {"epoch": ev, "eval": ev, "step": step, **({MID_EPOCH: 1} if mid else {})}
+        written.append(persist_local(trainer, spec, metrics, run))
+    kept = sorted(p.name for p in run.glob("checkpoint_*"))
+    assert kept == sorted(p.name for p in written[-2:])  # the two newest, nothing half-written
+    assert not list(run.glob(".tmp-*"))
+    # the sweep reads them as Ray Train's: the final model is the newest epoch-end one
+    path, m = latest_checkpoint(run, epoch_end=True)
+    assert path == str(written[-1]) and m["step"] == 20
+    assert newest_local_checkpoint(run) == written[-1]
+    (written[-1] / "state.pt").write_bytes(b"cut short by a kill")
+    assert newest_local_checkpoint(run) == written[-2]  # the one before, which loads
+    assert json.loads((written[-2] / "metrics.json").read_text())[MID_EPOCH] == 1

@@ -122,7 +122,12 @@ class TrainConfig(_Strict):
     optimizer: Literal["adamw", "schedule_free"] = "adamw"
     # a checkpoint every N optimizer steps inside an epoch too (0 = at epoch ends only)
     checkpoint_every_steps: int = Field(0, ge=0)
-    num_workers: int = Field(2, ge=1)
+    # Ray Train workers per run (DDP). 0: local mode, the run trains in the Tune trial's (or
+    # `archlab train`'s) own process, without Ray Train: no worker, controller or dataset
+    # actors, no DDP, checkpoints written by archlab (train.py). For small models on small
+    # machines, where a Train run's process start-up (~50 s of CPU on 2 cores) dwarfs the
+    # training. (`archlab train` then prints no progress lines: they come from Train.)
+    num_workers: int = Field(2, ge=0)
     cpus_per_worker: float = Field(1.0, gt=0)
     use_gpu: bool | None = None  # None: use GPUs when the cluster has them
     precision: Literal["auto", "fp32", "bf16"] = "auto"
@@ -311,7 +316,10 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 SMOKE = {
     "model": {"flavor": "debug"},
-    "train": {"epochs": 2, "max_steps_per_epoch": 12, "batch_size": 16},
+    # one Train worker per trial: on a small machine 2-worker trials run one at a time (the
+    # concurrency cap counts their CPUs), 1-worker trials two at once, which halved the
+    # smoke demo. DDP stays tested where a test asks for 2 workers (--set wins).
+    "train": {"epochs": 2, "max_steps_per_epoch": 12, "batch_size": 16, "num_workers": 1},
     "data": {"max_valid_windows": 256, "shuffle_buffer": 256},
     "sweep": {"num_samples": 4},
 }

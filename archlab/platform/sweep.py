@@ -43,6 +43,7 @@ log = logging.getLogger("archlab")
 
 CHAMPION_ALIAS = tracking.CHAMPION
 JOB_FILE = "archlab_job.json"  # <storage>/<sweep_id>/: the job's UUID and its parent run
+RESULT_FILE = "archlab_result.json"  # <storage>/<sweep_id>/: what run_sweep returns, as JSON
 TRIAL_FILE = "archlab_trial.json"  # in each Tune trial folder: trial id, run id, Train run, error
 
 
@@ -157,6 +158,9 @@ def prepare_job(cfg: ArchlabConfig, verbose: bool = False) -> Job:
     check_schedule(cfg, {"train_windows": n_windows})
     check_model_builds(cfg, info)
     storage = storage_path(cfg)
+    if cfg.train.num_workers == 0 and "://" in storage:
+        raise ConfigError(f"train.num_workers: 0 (local mode) writes checkpoints itself and needs a file-system "
+                          f"sweep.storage_path, found {storage!r}")
     uri = tracking_uri(cfg)
     init_ray(cfg, verbose=verbose)
     check_shared_storage(storage, cfg)  # before any worker starts
@@ -474,12 +478,12 @@ def max_concurrent_trials(cfg: ArchlabConfig) -> int:
     if cfg.sweep.max_concurrent:
         return cfg.sweep.max_concurrent
     res = ray.cluster_resources()
-    per_worker = cfg.train.num_workers * cfg.train.cpus_per_worker
+    per_worker = max(1, cfg.train.num_workers) * cfg.train.cpus_per_worker  # 0: local mode, one process
     n = int(res.get("CPU", 1) // (per_worker + 1.0))
     if one_local_node():
         n = min(n, max(1, int((os.cpu_count() or 1) // max(per_worker, 1.0))))
     if cfg.train.use_gpu and res.get("GPU", 0):
-        n = min(n, int(res["GPU"] // cfg.train.num_workers))
+        n = min(n, int(res["GPU"] // max(1, cfg.train.num_workers)))
     return max(1, min(n, cfg.sweep.num_samples))
 
 
@@ -519,11 +523,22 @@ def _job_record(storage: str, sweep_id: str, uri: str, resume: bool) -> dict[str
 
 
 def _write_job_record(storage: str, rec: dict[str, Any]) -> None:
-    path = Path(storage) / rec["sweep_id"] / JOB_FILE
+    _write_json(Path(storage) / rec["sweep_id"] / JOB_FILE, rec)
+
+
+def _write_json(path: Path, obj: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(rec))
+    tmp.write_text(json.dumps(obj, default=_jsonable, indent=1))
     tmp.replace(path)  # atomic: a kill never leaves half a record
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return str(value)
 
 
 @contextlib.contextmanager
@@ -579,7 +594,9 @@ def _run_tuner(cfg: ArchlabConfig, job: Job, sweep_id: str, parent_id: str, resu
            "sweep_id": sweep_id, "storage": job.storage, "data_info": job.data_info, "metric": metric}
     trainable = tune.with_resources(
         tune.with_parameters(train_driver_fn, base=cfg.to_dict(), ctx=ctx, datasets=job.datasets),
-        {"cpu": 0.01},  # the trial driver only waits on its TorchTrainer; Tune refuses 0
+        # the trial driver only waits on its TorchTrainer (Tune refuses 0); in local mode
+        # (train.num_workers 0) it trains, with one worker's CPUs
+        {"cpu": cfg.train.cpus_per_worker if cfg.train.num_workers == 0 else 0.01},
     )
     path = str(Path(job.storage) / sweep_id)
     if resume and tune.Tuner.can_restore(path):
@@ -614,9 +631,13 @@ def _run_tuner(cfg: ArchlabConfig, job: Job, sweep_id: str, parent_id: str, resu
                                         "n_confirm_errors": sum(1 for t in confirm if t.get("error"))})
     c.log_text(parent_id, board["markdown"], "leaderboard.md")
     tracking.end_run(c, parent_id, "FINISHED")
-    return {"sweep_id": sweep_id, "parent_run_id": parent_id, "trials": trials, "confirm": confirm,
-            "registry": decisions, "leaderboard": board, "experiment_id": job.experiment_id,
-            "tracking_uri": job.uri}
+    result = {"sweep_id": sweep_id, "parent_run_id": parent_id, "trials": trials, "confirm": confirm,
+              "registry": decisions, "leaderboard": board, "experiment_id": job.experiment_id,
+              "tracking_uri": job.uri}
+    # the job's outcome for scripts (and `ray job submit` users, who get no return value):
+    # written last, so its presence says the job finished
+    _write_json(Path(job.storage) / sweep_id / RESULT_FILE, result)
+    return result
 
 
 def _run_confirm(cfg: ArchlabConfig, job: Job, sweep_id: str, parent_id: str, resume: bool, trainable,

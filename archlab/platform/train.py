@@ -157,24 +157,77 @@ def newer_mid_epoch_checkpoint(storage, after_step: int, epoch: int, evals_done:
     return None
 
 
-def _report(trainer: Trainer, spec: dict, metrics: dict[str, Any], rank: int) -> None:
-    """`ray.train.report` with a checkpoint written by rank 0 (every rank must call it)."""
+LOCAL_KEEP = 2  # local mode keeps the newest checkpoints, as CheckpointConfig(num_to_keep=2) does
+
+
+def _write_checkpoint(trainer: Trainer, spec: dict, metrics: dict[str, Any], d: Path) -> None:
+    torch.save(trainer.state_dict(), d / STATE_FILE)
+    (d / SPEC_FILE).write_text(json.dumps(spec))
+    (d / "metrics.json").write_text(json.dumps(metrics))
+
+
+def persist_local(trainer: Trainer, spec: dict, metrics: dict[str, Any], train_dir: Path) -> Path:
+    """Local mode (train.num_workers 0) has no Train controller to persist checkpoints: write
+    one under `train_dir` as `checkpoint_<eval>_<step>` (written aside, then renamed, so a
+    kill never leaves half of one under that name) and delete all but the LOCAL_KEEP
+    newest. The sweep reads them as it reads Ray Train's (sweep.latest_checkpoint)."""
+    import shutil
+
+    train_dir.mkdir(parents=True, exist_ok=True)
+    name = f"checkpoint_{int(metrics.get('eval', 0)):05d}_{trainer.step:010d}"
+    tmp = train_dir / f".tmp-{name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    _write_checkpoint(trainer, spec, metrics, tmp)
+    final = train_dir / name
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    for old in sorted(p for p in train_dir.glob("checkpoint_*") if p.is_dir())[:-LOCAL_KEEP]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def newest_local_checkpoint(train_dir: Path) -> Path | None:
+    """The newest checkpoint under a local-mode run's folder that loads, or None."""
+    for d in sorted((p for p in train_dir.glob("checkpoint_*") if p.is_dir()), reverse=True):
+        try:
+            load_state(d)
+            return d
+        except Exception:  # cut short by a kill: take the one before
+            continue
+    return None
+
+
+def _report(trainer: Trainer, spec: dict, metrics: dict[str, Any], rank: int, local: dict | None = None) -> None:
+    """`ray.train.report` with a checkpoint written by rank 0 (every rank must call it).
+    Local mode (`local`: {"dir": the run's folder, "tune": inside a Tune trial}): the
+    checkpoint is written to the run's folder here, and an evaluation goes to Tune
+    directly (`ray.tune.report`), which TuneReportCallback does for Train's controller."""
     import ray.train
 
     trainer.check_finite()  # on every rank, so a NaN ends all of them at the same point
+    if local is not None:
+        persist_local(trainer, spec, metrics, Path(local["dir"]))
+        local["last_metrics"] = metrics  # what fit_trainer returns
+        if local.get("tune") and not metrics.get(MID_EPOCH):
+            from ray import tune
+
+            tune.report(metrics)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
         if rank == 0:
-            torch.save(trainer.state_dict(), Path(tmp) / STATE_FILE)
-            (Path(tmp) / SPEC_FILE).write_text(json.dumps(spec))
-            (Path(tmp) / "metrics.json").write_text(json.dumps(metrics))
+            _write_checkpoint(trainer, spec, metrics, Path(tmp))
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(metrics, checkpoint=checkpoint)
 
 
-def train_fn_per_worker(config: dict[str, Any]) -> None:
+def train_fn_per_worker(config: dict[str, Any], datasets: dict[str, Any] | None = None) -> None:
     """Ray Train worker loop. `config`: {"cfg": ArchlabConfig dict, "data_info": {...},
-    "tracking_uri": str | None, "mlflow_run_id": str | None}."""
+    "tracking_uri": str | None, "mlflow_run_id": str | None}, and in local mode "local":
+    {"dir": the run's folder, "tune": bool}, with `datasets` the Ray datasets themselves:
+    then this runs in the caller's process (fit_trainer) without Ray Train (whose API
+    refuses calls from inside a Tune trial), as the one rank of a world of one."""
     import ray.train
     import ray.train.torch
 
@@ -182,17 +235,21 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
 
     cfg = ArchlabConfig.model_validate(config["cfg"])
     data_info = config["data_info"]
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    local = config.get("local")  # local mode (train.num_workers 0): see _report
+    ctx = None if local is not None else ray.train.get_context()
+    rank, world = (0, 1) if ctx is None else (ctx.get_world_rank(), ctx.get_world_size())
     torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
     torch.manual_seed(cfg.train.seed)  # same init on every rank (DDP also broadcasts rank 0's)
 
-    device = ray.train.torch.get_device()
+    if ctx is None:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = ray.train.torch.get_device()
     precision = choose_precision(cfg.train.precision, device)
     spec = model_spec(cfg, data_info)
     model = build_from_spec(spec)
     n_params = sum(p.numel() for p in model.parameters())
-    model = ray.train.torch.prepare_model(model)
+    model = model.to(device) if ctx is None else ray.train.torch.prepare_model(model)
     from archlab.platform import flops
 
     # compute accounting, once per worker start: the model's training FLOPs per sample at
@@ -205,15 +262,21 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
                       tokens_per_byte=float(data_info.get("tokens_per_byte", 1.0)), flops_per_sample=fps)
     trainer.measure_peak()
 
-    restored = ray.train.get_checkpoint()
-    if restored:
-        with restored.as_directory() as d:
-            trainer.load_state_dict(load_state(d, device))
-    newer = newer_mid_epoch_checkpoint(ctx.get_storage(), trainer.step if restored else -1, trainer.epoch,
-                                       trainer.evals_done)
-    if newer is not None:  # written and uploaded, but not yet registered by the controller
-        trainer.load_state_dict(load_state(newer, device))
-        restored = restored or newer
+    if local is not None:
+        # no controller hands back a checkpoint: a restarted trial resumes from its folder
+        restored = newest_local_checkpoint(Path(local["dir"]))
+        if restored is not None:
+            trainer.load_state_dict(load_state(restored, device))
+    else:
+        restored = ray.train.get_checkpoint()
+        if restored:
+            with restored.as_directory() as d:
+                trainer.load_state_dict(load_state(d, device))
+        newer = newer_mid_epoch_checkpoint(ctx.get_storage(), trainer.step if restored else -1, trainer.epoch,
+                                           trainer.evals_done)
+        if newer is not None:  # written and uploaded, but not yet registered by the controller
+            trainer.load_state_dict(load_state(newer, device))
+            restored = restored or newer
     if restored:
         log.info("rank %d resumed at epoch %d, batch %d of it (step %d)", rank, trainer.epoch,
                  trainer.batches_in_epoch, trainer.step)
@@ -239,14 +302,18 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     def after_step(tr: Trainer) -> None:
         # a step that was just evaluated has its checkpoint already
         if every and tr.step % every == 0 and tr.eval_step != tr.step:
-            _report(tr, spec, {MID_EPOCH: 1, "epoch": tr.epoch, "step": tr.step, "eval": tr.evals_done}, rank)
+            _report(tr, spec, {MID_EPOCH: 1, "epoch": tr.epoch, "step": tr.step, "eval": tr.evals_done}, rank, local)
         if tr.step == fail_at and not restored:
             raise RuntimeError(f"injected failure after step {fail_at} (train.fail_once_at_step)")
 
-    train_shard = ray.train.get_dataset_shard("train")
-    valid_shard = ray.train.get_dataset_shard("valid")
+    def shard(name: str):
+        # local mode: the whole dataset (one rank); else this worker's equal share of it
+        return datasets[name].iterator() if local is not None else ray.train.get_dataset_shard(name)
+
+    train_shard = shard("train")
+    valid_shard = shard("valid")
     # the full-context windows, given for a vector data.context > 5 (data.valid_window_lengths)
-    valid_ctx_shard = ray.train.get_dataset_shard("valid_ctx") if data_info.get("valid_ctx") else None
+    valid_ctx_shard = shard("valid_ctx") if data_info.get("valid_ctx") else None
 
     def passes(epoch: int):
         if cfg.train.fail_once_at_epoch == epoch and not restored:
@@ -267,7 +334,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         # a run never shows an evaluation whose model is not on disk. Tune may stop the
         # trial right after this report (ASHA); the writes that then die with the worker
         # are logged from the checkpoint's metrics.json by the sweep (backfill_epoch_metrics)
-        _report(tr, spec, metrics, rank)
+        _report(tr, spec, metrics, rank, local)
         if buffer is not None:
             # MLflow step = evaluation index (kind epochs: the epoch, 1-based)
             buffer.log_metrics(metrics, step=int(metrics["eval"]))
@@ -308,12 +375,27 @@ def fit_trainer(
     A plain TuneReportCallback among `callbacks` is replaced by TuneEpochReportCallback,
     so mid-epoch checkpoint reports never reach Tune. A terminal worker error
     (failures.TERMINAL_ERRORS) is not retried and raises TrialFailed with a one-line
-    reason; transient faults are retried up to max_failures."""
+    reason; transient faults are retried up to max_failures. train.num_workers 0 (local
+    mode) runs the loop in this process instead, with no TorchTrainer."""
     import ray.train
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from archlab.platform.failures import TrialFailed, describe, terminal_failure, trainer_class
+    from archlab.platform.failures import TERMINAL_ERRORS, TrialFailed, describe, terminal_failure, trainer_class
 
+    loop_config = {"cfg": cfg.to_dict(), "data_info": data_info, "tracking_uri": tracking_uri, "mlflow_run_id": run_id}
+    local = cfg.train.num_workers == 0
+    if local:
+        # the loop runs here, without Ray Train (its API refuses calls from inside a Tune
+        # trial, and its local mode persists no checkpoint): it writes its checkpoints
+        # and reports to Tune itself (_report); Tune's FailureConfig retries a fault
+        loop_config["local"] = {"dir": str(Path(storage) / name),
+                                "tune": any(isinstance(cb, TuneReportCallback) for cb in callbacks or [])}
+        try:
+            train_fn_per_worker(loop_config, datasets)
+        except TERMINAL_ERRORS as e:  # the loop's own exception; Tune retries anything else
+            raise TrialFailed(describe(e)) from None
+        return ray.train.Result(metrics=loop_config["local"].get("last_metrics"), checkpoint=None, path=None,
+                                error=None)
     callbacks = [_tune_epoch_report_callback()() if type(cb) is TuneReportCallback else cb for cb in callbacks or []]
 
     use_gpu = cfg.train.use_gpu
@@ -323,12 +405,7 @@ def fit_trainer(
         use_gpu = ray.cluster_resources().get("GPU", 0) > 0
     trainer = trainer_class()(  # a TorchTrainer that does not retry terminal errors (failures.py)
         train_fn_per_worker,
-        train_loop_config={
-            "cfg": cfg.to_dict(),
-            "data_info": data_info,
-            "tracking_uri": tracking_uri,
-            "mlflow_run_id": run_id,
-        },
+        train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.train.num_workers,
             use_gpu=use_gpu,
@@ -351,6 +428,7 @@ def fit_trainer(
         if terminal is None:
             raise  # a transient fault that outlived its retries
         raise TrialFailed(describe(terminal)) from None
+
 
 
 @functools.lru_cache(maxsize=None)
