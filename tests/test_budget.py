@@ -225,7 +225,12 @@ def test_flops_budget_run_logs_compute_metrics_through_ray(ray_local, tmp_path, 
     """`archlab train` with train.budget.kind=flops through real Ray Train: the worker
     measures flops_per_sample (the same count as here) and the matmul peak, stops at the
     optimizer step that reaches the budget, and logs the compute metrics at every
-    evaluation (MLflow step = evaluation index), over more than one pass of the data."""
+    evaluation (MLflow step = evaluation index), over more than one pass of the data.
+    The same run is the end-to-end check of a 64-vector context with head=residual: it
+    evaluates, logs the collapse check, and the registered spec carries head and context.
+    (One run for both: each Ray Train run costs ~20 s of process start-up on 2 cores.)"""
+    import math
+
     from mlflow.tracking import MlflowClient
 
     from archlab.platform.data import inspect_dataset
@@ -235,7 +240,11 @@ def test_flops_budget_run_logs_compute_metrics_through_ray(ray_local, tmp_path, 
 
     uri = f"sqlite:///{tmp_path}/m.db"
     base = [f"data.path={sample_dataset}", f"tracking.uri={uri}", f"sweep.storage_path={tmp_path / 'runs'}",
-            "model.arch=lstm", "train.num_workers=1", "train.max_steps_per_epoch=6"]
+            "model.arch=lstm", "train.num_workers=1", "train.max_steps_per_epoch=6",
+            "model.head=residual", "data.context=64",
+            # 29 of the sample's 60 train documents are shorter than 65 vectors: the data check
+            # refuses them as short_doc unless told to train without them
+            "data.on_bad_rows=skip"]
     probe = load_config(None, base, smoke_test=True)  # batch 16
     info = inspect_dataset(probe)
     data_info = {"dim": info.dim, "vocab_size": info.vocab_size}
@@ -268,3 +277,15 @@ def test_flops_budget_run_logs_compute_metrics_through_ray(ray_local, tmp_path, 
     times = [v for _, v in hist("train_time_s")]
     assert times == sorted(times) and times[0] > 0
     assert result["registry"] and result["registry"][0]["name"] == "archlab-vector-lstm"
+    # the 64-vector context with the residual head, end to end
+    m = result["metrics"]
+    assert math.isfinite(m["val_cosine_seed"]) and m["val_windows"] > 0
+    run = c.get_run(rid)
+    assert 0.0 < run.data.metrics["val_pred_self_cos"] <= 1.0
+    row = next(r for r in result["leaderboard"]["rows"] if r["entry"] == "lstm")
+    # 9 steps from the linear average: far from one vector for every context
+    assert row["collapsed"] is False and row["val_pred_self_cos"] == run.data.metrics["val_pred_self_cos"]
+    from archlab.platform import modelstore
+
+    model = modelstore.load_model(f"models:/{result['registry'][0]['name']}/{result['registry'][0]['version']}", uri)
+    assert (model.head_type, model.context) == ("residual", 64)

@@ -1,5 +1,6 @@
 """model.head and longer contexts on the driver (Ray-free): config, search space, trial
-config, model spec, and the refusals made before any worker starts."""
+config, model spec, and the refusals made before any worker starts. Through real Ray
+Train: test_budget.py's flops-budget run, at a 64-vector context with head=residual."""
 
 from __future__ import annotations
 
@@ -114,37 +115,3 @@ def test_context_above_the_max_length_is_refused_naming_the_field(name):
     cfg = load_config(None, [f"data.context={limit + 1}", f"model.arch={other}"])
     with pytest.raises(ConfigError, match=rf"sweep\.space_overrides\.{name}\.model\.{field}"):
         check_archs(cfg, [other, name], smoke=True)
-
-
-@pytest.mark.slow
-def test_train_at_context_64_with_the_residual_head(ray_local, tmp_path, sample_dataset):
-    """`archlab train` end to end at a 64-vector context with head=residual: it trains,
-    evaluates, logs the collapse check, and the registered spec carries head and context."""
-    import math
-
-    from mlflow.tracking import MlflowClient
-
-    from archlab.platform.sweep import run_train
-
-    uri = f"sqlite:///{tmp_path}/m.db"
-    cfg = load_config(None, [
-        f"data.path={sample_dataset}", f"tracking.uri={uri}", f"sweep.storage_path={tmp_path / 'runs'}",
-        "model.arch=gru_stack", "model.head=residual", "data.context=64", "train.epochs=1",
-        "train.num_workers=1",
-        # 29 of the sample's 60 train documents are shorter than 65 vectors: the data check
-        # refuses them as short_doc unless told to train without them
-        "data.on_bad_rows=skip",
-    ], smoke_test=True)
-    result = run_train(cfg)
-    m = result["metrics"]
-    assert m["epoch"] == 1 and math.isfinite(m["val_cosine_seed"]) and m["val_windows"] > 0
-    run = MlflowClient(uri).get_run(result["run_id"])
-    assert 0.0 < run.data.metrics["val_pred_self_cos"] <= 1.0
-    row = next(r for r in result["leaderboard"]["rows"] if r["entry"] == "gru_stack")
-    # 12 steps from the linear average: far from one vector for every context
-    assert row["collapsed"] is False and row["val_pred_self_cos"] == run.data.metrics["val_pred_self_cos"]
-    # the registered model (weights + spec) is rebuilt as the residual one, over the 64-vector context
-    from archlab.platform import modelstore
-
-    model = modelstore.load_model(f"models:/{result['registry'][0]['name']}/{result['registry'][0]['version']}", uri)
-    assert (model.head_type, model.context) == ("residual", 64)

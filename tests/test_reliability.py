@@ -290,7 +290,8 @@ def test_two_train_jobs_on_one_store_get_their_own_runs(ray_local, tmp_path, sam
     for i, d_model in enumerate((32, 48)):
         cfg = load_config(None, [
             f"data.path={sample_dataset}", f"tracking.uri={uri}", f"sweep.storage_path={tmp_path / f'runs{i}'}",
-            "model.arch=lstm", f"model.d_model={d_model}", "train.num_workers=1", "train.epochs=1",
+            # local mode (no Ray Train worker): what is tested is the jobs' run identity
+            "model.arch=lstm", f"model.d_model={d_model}", "train.num_workers=0", "train.epochs=1",
         ], smoke_test=True)
         results.append(run_train(cfg))
     a, b = results
@@ -315,7 +316,7 @@ def test_nan_trial_fails_once_with_its_reason_and_the_sweep_goes_on(ray_local, t
     cfg = load_config(None, [
         f"data.path={sample_dataset}", f"tracking.uri={uri}", f"sweep.storage_path={tmp_path / 'runs'}",
         "sweep.name=nan-test", "sweep.archs=[lstm, transformer]", "sweep.num_samples=2",
-        "sweep.max_concurrent=1", "train.num_workers=1", "train.max_failures=2",
+        "train.num_workers=1", "train.max_failures=2",  # both trials at once (2 cores)
         # only lstm's trials diverge: a NaN loss at optimizer step 3 on every try
         'sweep.space_overrides={lstm: {train.inject_nan_at_step: {choices: [3]}}}',
         "sweep.confirm.top_k=0",  # the search's failure handling; no confirm stage needed
