@@ -174,6 +174,11 @@ class TrainConfig(_Strict):
             )
 
     @property
+    def ranks(self) -> int:
+        """Training processes of one run: num_workers, or 1 in local mode (num_workers 0)."""
+        return max(1, self.num_workers)
+
+    @property
     def budget_kind(self) -> str:
         return self.budget.kind if self.budget is not None else "epochs"
 

@@ -478,12 +478,12 @@ def max_concurrent_trials(cfg: ArchlabConfig) -> int:
     if cfg.sweep.max_concurrent:
         return cfg.sweep.max_concurrent
     res = ray.cluster_resources()
-    per_worker = max(1, cfg.train.num_workers) * cfg.train.cpus_per_worker  # 0: local mode, one process
+    per_worker = cfg.train.ranks * cfg.train.cpus_per_worker
     n = int(res.get("CPU", 1) // (per_worker + 1.0))
     if one_local_node():
         n = min(n, max(1, int((os.cpu_count() or 1) // max(per_worker, 1.0))))
     if cfg.train.use_gpu and res.get("GPU", 0):
-        n = min(n, int(res["GPU"] // max(1, cfg.train.num_workers)))
+        n = min(n, int(res["GPU"] // cfg.train.ranks))
     return max(1, min(n, cfg.sweep.num_samples))
 
 
@@ -636,7 +636,10 @@ def _run_tuner(cfg: ArchlabConfig, job: Job, sweep_id: str, parent_id: str, resu
               "tracking_uri": job.uri}
     # the job's outcome for scripts (and `ray job submit` users, who get no return value):
     # written last, so its presence says the job finished
-    _write_json(Path(job.storage) / sweep_id / RESULT_FILE, result)
+    # without the live torch models the trials carry (each one is logged at its model_uri)
+    _write_json(Path(job.storage) / sweep_id / RESULT_FILE,
+                {**result, **{k: [{f: v for f, v in t.items() if f != "model"} for t in result[k]]
+                              for k in ("trials", "confirm")}})
     return result
 
 

@@ -76,7 +76,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
 def samples_per_step(cfg: ArchlabConfig) -> int:
     """Training windows one optimizer step consumes over all workers."""
     t = cfg.train
-    return t.batch_size * max(1, t.num_workers) * t.grad_accum  # 0 workers: local mode, one process
+    return t.batch_size * t.ranks * t.grad_accum
 
 
 def planned_steps(cfg: ArchlabConfig, data_info: dict[str, Any], flops_per_sample: float = 0.0) -> int:
@@ -103,7 +103,7 @@ def planned_steps(cfg: ArchlabConfig, data_info: dict[str, Any], flops_per_sampl
     per_epoch = 0
     windows = int(data_info.get("train_windows") or 0)
     if windows:
-        per_epoch = windows // max(1, t.num_workers) // t.batch_size // t.grad_accum
+        per_epoch = windows // t.ranks // t.batch_size // t.grad_accum
     if t.max_steps_per_epoch:
         per_epoch = min(per_epoch, t.max_steps_per_epoch) if per_epoch else t.max_steps_per_epoch
     return t.epochs * per_epoch
