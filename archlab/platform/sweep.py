@@ -380,7 +380,9 @@ def train_driver_fn(trial_config: dict[str, Any], *, base: dict, ctx: dict, data
         trial_id, trial_config = point["trial_id"], point["config"]
     name = f"train-trial_id={trial_id}"  # no timestamp: a restarted trial resumes its run
     record = {"trial_id": trial_id, "train_dir": str(Path(ctx["storage"]) / name), "run_id": None, "error": None}
-    record_file = Path(tctx.get_trial_dir()) / TRIAL_FILE
+    # the trial's folder as a fresh actor's get_trial_dir() gives it: a reused actor
+    # (local mode) gets its working directory there instead (Ray 2.60's reset_config)
+    record_file = Path(tctx.get_storage().trial_driver_staging_path) / TRIAL_FILE
     c = tracking.client(ctx["uri"])
     stage_tags = {leaderboard_tags.TAG_STAGE: leaderboard_tags.STAGE_SEARCH}
     if point is not None:
@@ -462,6 +464,14 @@ def make_searcher(cfg: ArchlabConfig, storage=None, study_name: str | None = Non
         points_to_evaluate=allocation_points(cfg) or None,
         storage=storage, study_name=study_name,
     )
+
+
+def reuse_actors(cfg: ArchlabConfig) -> bool:
+    """Tune's reuse_actors: on in local mode (train.num_workers 0), where a trial trains in
+    its own actor and a fresh actor per trial re-imports torch, dynamo, MLflow and Ray Train
+    (~7 CPU-s each on this machine, most of a smoke trial); off with Ray Train workers, where
+    the first reused trial hung (BENCHMARKS.md) and the trial actor only waits."""
+    return cfg.train.num_workers == 0
 
 
 def max_concurrent_trials(cfg: ArchlabConfig) -> int:
@@ -610,7 +620,7 @@ def _run_tuner(cfg: ArchlabConfig, job: Job, sweep_id: str, parent_id: str, resu
                 metric=metric, mode=mode,
                 search_alg=ConcurrencyLimiter(searcher, max_concurrent=n_conc),
                 scheduler=asha_scheduler(cfg),
-                num_samples=cfg.sweep.num_samples,
+                num_samples=cfg.sweep.num_samples, reuse_actors=reuse_actors(cfg),
                 # the ConcurrencyLimiter above enforces n_conc; Tune ignores (and warns about)
                 # max_concurrent_trials when the searcher is already limited
             ),
@@ -666,7 +676,8 @@ def _run_confirm(cfg: ArchlabConfig, job: Job, sweep_id: str, parent_id: str, re
         tuner = tune.Tuner(
             trainable,
             param_space={CONFIRM_KEY: tune.grid_search(points)},
-            tune_config=tune.TuneConfig(metric=metric, mode=mode, max_concurrent_trials=n_conc),
+            tune_config=tune.TuneConfig(metric=metric, mode=mode, max_concurrent_trials=n_conc,
+                                        reuse_actors=reuse_actors(cfg)),
             run_config=tune.RunConfig(name=CONFIRM_DIR, storage_path=storage,
                                       failure_config=tune.FailureConfig(max_failures=1),
                                       verbose=1 if verbose else 0, callbacks=[_progress(cfg, progress)]),
