@@ -59,8 +59,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# `ray start --block` shuts its head down gracefully on SIGTERM: ~33 s here, each time. A
+# test that is over needs none of that; SIGKILL of the group 5 s later leaves no process
+# (checked with pgrep on the head's ports), so the head fixtures stop theirs this way.
+RAY_HEAD_STOP_S = 5
+
+
 def stop_group(proc, timeout: float = 30) -> None:
-    """Stop a process started with start_new_session=True, and everything it spawned."""
+    """Stop a process started with start_new_session=True, and everything it spawned:
+    SIGTERM, then SIGKILL to the group if it has not exited `timeout` seconds later."""
     import os
     import signal
     import subprocess

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, free_port, stop_group, wait_http
+from tests.conftest import RAY_HEAD_STOP_S, REPO, free_port, stop_group, wait_http
 
 @pytest.fixture()
 def head_node(tmp_path):
@@ -36,7 +36,7 @@ def head_node(tmp_path):
         pytest.fail(f"head node did not start:\n{(tmp_path / 'head.log').read_text()[-3000:]}")
     _wait_for_job_agent(address, tmp_path)
     yield address, env
-    stop_group(proc, timeout=60)
+    stop_group(proc, timeout=RAY_HEAD_STOP_S)
     log.close()
 
 

@@ -19,7 +19,7 @@ import pytest
 
 from archlab.platform.config import ConfigError, load_config
 from archlab.platform.runtime import check_shared_storage
-from tests.conftest import free_port, stop_group
+from tests.conftest import RAY_HEAD_STOP_S, free_port, stop_group
 
 BIN = Path(sys.executable).parent
 
@@ -67,7 +67,7 @@ def _ray_start(args: list[str], env: dict, log: Path) -> subprocess.Popen:
 
 def _stop(procs: list[subprocess.Popen], root: str) -> None:
     for p in procs:
-        stop_group(p, timeout=60)
+        stop_group(p, timeout=RAY_HEAD_STOP_S)
     # a Ray process that left the group (a re-parented worker) still names our temp dir
     out = subprocess.run(["pgrep", "-f", root], capture_output=True, text=True).stdout.split()
     for pid in map(int, out):
