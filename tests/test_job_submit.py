@@ -19,6 +19,11 @@ def head_node(tmp_path):
     # the job's driver runs `archlab` from this environment
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env.pop("RAY_ADDRESS", None)
+    # 8 logical CPUs on 2 cores (STACK_NOTES): the raylet starts workers min(cores, CPUs) at
+    # a time and warns every driver at 4x that, so this head is told its startup concurrency,
+    # as archlab's own local Ray is (runtime.start_local_ray). A head with real cores does
+    # not need it.
+    env["RAY_worker_maximum_startup_concurrency"] = "8"
     ray_bin = str(Path(sys.executable).parent / "ray")
     log = open(tmp_path / "head.log", "w")
     proc = subprocess.Popen(
@@ -92,6 +97,11 @@ def test_byte_lm_smoke_sweep_on_real_bytes_runs_as_a_ray_job(head_node, tmp_path
     assert out.returncode == 0, text[-4000:]
     assert "succeeded" in text.lower(), text[-4000:]
     assert "sweep jobtest-1: 2 trials, 0 errored" in text, text[-4000:]
+    # the quiet console under Ray Train (the smoke demo's trials run in local mode): no
+    # Train report dumps, no raylet or worker chatter, no per-trial tables
+    assert "TrainingReport" not in text and "(raylet)" not in text, text[-4000:]
+    assert "RayTrainWorker" not in text and "SplitCoordinator" not in text, text[-4000:]
+    assert "PYTHON worker processes" not in text and "Trial train_driver_fn" not in text, text[-4000:]
     # a job's driver returns nothing to the submitter: its outcome is the job's result file
     result = json.loads((runs / "jobtest-1" / RESULT_FILE).read_text())
     rows = {r["entry"]: r for r in result["leaderboard"]["rows"]}

@@ -151,7 +151,9 @@ def test_submit_without_the_token_is_refused(two_nodes, tmp_path):
 def test_node_local_storage_is_refused_before_any_worker_starts(two_nodes, tmp_path):
     env = {**two_nodes["env"], "RAY_ADDRESS": two_nodes["gcs"]}
     t0 = time.monotonic()
-    out = _archlab(["train", "--smoke-test", "--set", f"sweep.storage_path={tmp_path / 'runs'}",
+    # Ray Train workers (the smoke default is local mode, whose trainer is this process)
+    out = _archlab(["train", "--smoke-test", "--set", "train.num_workers=1",
+                    "--set", f"sweep.storage_path={tmp_path / 'runs'}",
                     "--set", f"tracking.uri=sqlite:///{tmp_path}/m.db"], env, tmp_path, timeout=300)
     text = out.stdout + out.stderr
     assert out.returncode == 2, text[-3000:]

@@ -1,9 +1,10 @@
 """The vertical slice end to end, read back from the README demo's smoke run (the
-`smoke_demo` fixture: `archlab demo --smoke-test` as a user runs it: a local Ray, one
-Train worker per trial, Ray Data, Tune + Optuna + ASHA, a confirm stage, a SQLite MLflow
-store): its store and the job's archlab_result.json. One run serves the README, console
-and slice tests, since each Ray Train run costs ~20 s of process start-up on 2 cores. A
-real `mlflow server` under Ray Train: test_reliability.py and test_mlflow_buffer.py."""
+`smoke_demo` fixture: `archlab demo --smoke-test` as a user runs it: a local Ray, trials
+in local mode (trained in their Tune trial actors), Ray Data, Tune + Optuna + ASHA, a
+confirm stage, a SQLite MLflow store): its store and the job's archlab_result.json. One
+run serves the README, console and slice tests. The same slice under Ray Train (DDP
+workers): test_job_submit.py; a real `mlflow server` under Ray Train: test_reliability.py
+and test_mlflow_buffer.py."""
 
 import json
 
@@ -46,8 +47,8 @@ def test_one_child_run_per_trial_with_flattened_params_and_epoch_metrics(sweep_r
     assert {r.data.tags["archlab.arch"] for r in children} == set(ARCHS)
     for run in children:
         p = run.data.params
-        # --smoke-test: 1 worker per trial (2-worker DDP trials: test_job_submit, test_multinode)
-        assert p["train.num_workers"] == "1" and p["data.dataset_id"] == "2e576f95bab2c034"
+        # --smoke-test: local mode (2-worker DDP trials: test_job_submit, test_multinode)
+        assert p["train.num_workers"] == "0" and p["data.dataset_id"] == "2e576f95bab2c034"
         assert p["world_size"] == "1" and p["precision"] in ("fp32", "bf16")
         assert "lr" not in p  # changes during a run: a metric, not a param
         hist = c.get_metric_history(run.info.run_id, "val_cosine_seed")
