@@ -1,6 +1,6 @@
 """Mid-epoch checkpoint reports (`train.checkpoint_every_steps`) never reach Tune
 (TuneEpochReportCallback; fast, no Ray cluster). The resume from such a checkpoint through
-real Ray Train: test_train_ddp.py."""
+real Ray Train (2 DDP workers, one SIGKILLed): test_reliability.py -k ddp_worker_sigkill."""
 
 
 
