@@ -69,6 +69,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=40, help="optimizer steps per epoch")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--flavor", default="debug")
+    ap.add_argument("--workers", type=int, default=0,
+                    help="train.num_workers: 0 = local mode (trials train in their reused Tune actors; a "
+                         "Ray Train run costs ~50 s of CPU in start-up on 2 cores, more than a trial here)")
     args = ap.parse_args()
     if args.smoke_test:
         args.trials, args.epochs, args.steps, args.repeats = 4, 2, 4, 1
@@ -89,7 +92,7 @@ def main() -> None:
                     f"data.path={data}", f"tracking.uri=sqlite:///{tmp}/m.db", f"sweep.storage_path={tmp}/runs",
                     f"sweep.name=eff-{arm.replace('+', '-')}-{r}", f"sweep.archs=[{args.archs}]",
                     f"sweep.num_samples={args.trials}", f"sweep.seed={r}", "sweep.confirm.top_k=0",
-                    f"model.flavor={args.flavor}", "train.num_workers=1", f"train.epochs={args.epochs}",
+                    f"model.flavor={args.flavor}", f"train.num_workers={args.workers}", f"train.epochs={args.epochs}",
                     f"train.max_steps_per_epoch={args.steps}", "data.max_valid_windows=1024",
                     "tracking.register_models=false", *sets,
                 ], smoke_test=args.smoke_test)

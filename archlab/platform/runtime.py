@@ -161,21 +161,12 @@ def init_ray(cfg: ArchlabConfig, verbose: bool = False):
     return ray
 
 
-class _DropMessages(logging.Filter):
-    def __init__(self, *fragments: str):
-        super().__init__()
-        self.fragments = fragments
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not any(f in record.getMessage() for f in self.fragments)
-
-
 def quiet_console(verbose: bool) -> None:
     """The driver's share of the quiet console (the workers' share is log_to_driver=False):
     Ray Data's progress bars and per-dataset INFO lines, Tune/Train INFO chatter, Optuna's
-    experimental-feature warning and MLflow's pickle warning, once per logged model (archlab
-    logs pickle on purpose: tracking.log_model). `verbose` leaves everything as Ray and
-    MLflow set it."""
+    experimental-feature warning. (Models are logged as safetensors + spec, not with
+    mlflow.pytorch, so MLflow prints no pickle warning to drop.) `verbose` leaves everything
+    as Ray and MLflow set it."""
     if verbose:
         return
     import warnings
@@ -184,10 +175,6 @@ def quiet_console(verbose: bool) -> None:
 
     for name in ("ray.data", "ray.tune", "ray.train", "optuna"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    pickle_warning = _DropMessages("Pickle or CloudPickle")
-    logger = logging.getLogger("mlflow.pytorch")
-    if not any(isinstance(f, _DropMessages) for f in logger.filters):
-        logger.addFilter(pickle_warning)
     warnings.filterwarnings("ignore", message=r"Argument ``group`` is an experimental feature")
     try:
         import optuna
