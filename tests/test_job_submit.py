@@ -65,7 +65,8 @@ def _wait_for_job_agent(address, tmp_path):
 
 @pytest.mark.slow
 def test_byte_lm_smoke_sweep_on_real_bytes_runs_as_a_ray_job(head_node, tmp_path, shared_data):
-    """The token task (byte LM on the real WikiText-2 bytes, 2 DDP workers) submitted with
+    """The token task (byte LM on the real WikiText-2 bytes, 2 Ray Train trials of 1 worker,
+    both at once; DDP's 2 workers: test_reliability.py, test_multinode.py) submitted with
     `ray job submit` from a clean working dir: the job succeeds, its leaderboard's byte
     metrics agree with each other and beat a uniform guess, and both models are registered.
     (One job for the job-submission and token-task cases: each Ray Train run costs ~20 s
@@ -87,7 +88,7 @@ def test_byte_lm_smoke_sweep_on_real_bytes_runs_as_a_ray_job(head_node, tmp_path
     shutil.copytree(REPO, work, ignore=shutil.ignore_patterns(".venv", ".git", "archlab_runs", "mlflow.db", "__pycache__"))
     store, runs = tmp_path / "m.db", tmp_path / "runs"
     sets = [f"data.path={data}", "train.task=token", f"tracking.uri=sqlite:///{store}", f"sweep.storage_path={runs}",
-            "sweep.name=jobtest", "sweep.archs=[lstm, transformer]", "sweep.num_samples=2", "train.num_workers=2",
+            "sweep.name=jobtest", "sweep.archs=[lstm, transformer]", "sweep.num_samples=2", "train.num_workers=1",
             "data.seq_len=64", "data.max_valid_windows=128", "train.lr=3e-3", "train.max_steps_per_epoch=20",
             "sweep.confirm.top_k=0"]
     cmd = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", address, "--working-dir", ".",
