@@ -2,11 +2,12 @@
 `smoke_demo` fixture: `archlab demo --smoke-test` as a user runs it: a local Ray, trials
 in local mode (trained in their Tune trial actors), Ray Data, Tune + Optuna + ASHA, a
 confirm stage, a SQLite MLflow store): its store and the job's archlab_result.json. One
-run serves the README, console and slice tests. The same slice under Ray Train (DDP
+run serves the README, console and slice tests. The same slice under Ray Train (Train
 workers): test_job_submit.py; a real `mlflow server` under Ray Train: test_reliability.py
 and test_mlflow_buffer.py."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -182,3 +183,43 @@ def test_every_vector_trial_carries_its_window_level_ci_against_the_best_baselin
         assert m["diff_vs_best_baseline_n"] == parent[best.replace(".cosine", ".n_windows")]
     d_base = {r["entry"]: r.get("d_base") for r in result["leaderboard"]["rows"] if r["kind"] == "model"}
     assert all(v is not None for v in d_base.values()), d_base
+
+
+def test_the_smoke_demos_report_is_self_contained_logged_and_its_journal_loads(smoke_demo, sweep_result):
+    """The report `archlab demo --smoke-test` wrote at the end (and printed the path of):
+    its images decode as PNGs of non-trivial size, nothing is fetched from the network, its
+    files are artifacts of the sweep's parent run, and `optuna.load_study` reads the
+    sweep's journal with one trial per search trial."""
+    import base64
+    import re
+
+    import optuna
+    from mlflow.tracking import MlflowClient
+
+    from archlab.platform import study
+
+    cwd, out = smoke_demo
+    _, result, uri = sweep_result
+    page = cwd / "archlab_runs" / "demo-1" / "report" / "report.html"
+    assert f"report: {page}" in out.stdout.replace("\n", ""), out.stdout[-2000:]
+    text = page.read_text()
+    images = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', text)
+    assert len(images) >= 5, len(images)  # curves, pareto, leaderboard, slices, importances
+    for b64 in images:
+        png = base64.b64decode(b64)
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    assert "http://" not in text and "https://" not in text and "<script" not in text
+    for arch in ARCHS:
+        assert arch in text
+    names = {p.name for p in page.parent.iterdir()}
+    assert "report.html" in names and len([n for n in names if n.endswith(".png")]) >= 5
+    c = MlflowClient(uri)
+    run = c.get_run(result["parent_run_id"])
+    root = run.info.artifact_uri.removeprefix("file://")
+    if not root.startswith("/"):  # a relative artifact root is the demo's working dir's
+        root = str(cwd / root)
+    logged = {p.name for p in (Path(root) / "report").iterdir()}
+    assert names == logged
+    st = optuna.load_study(study_name="demo-1",
+                           storage=study.journal_storage(study.journal_path(cwd / "archlab_runs", "demo-1")))
+    assert len(st.trials) == len(result["trials"]) == 4
