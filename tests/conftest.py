@@ -139,6 +139,20 @@ def mlflow_server(tmp_path_factory):
     stop_group(proc, timeout=20)
 
 
+def assert_self_contained_report(text: str, min_images: int) -> None:
+    """A report.html's checks: at least `min_images` inline images, each a PNG of
+    non-trivial size, and nothing fetched from the network (no URL, no script)."""
+    import base64
+    import re
+
+    images = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', text)
+    assert len(images) >= min_images, len(images)
+    for b64 in images:
+        png = base64.b64decode(b64)
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    assert "http://" not in text and "https://" not in text and "<script" not in text
+
+
 @pytest.fixture(scope="session")
 def smoke_demo(tmp_path_factory):
     """`archlab demo --smoke-test` run once, as the README's user runs it: in an empty folder,

@@ -512,11 +512,10 @@ def test_ddp_worker_sigkill_mid_epoch_loses_less_than_the_checkpoint_interval(ra
     CPU in process start-up on 2 cores.)"""
     import threading
 
-    from archlab.platform.trainer import LRSchedule
-
     from ray.util.state import list_actors
 
     from archlab.platform.sweep import run_train
+    from archlab.platform.trainer import LRSchedule
     from archlab.platform.train import load_state
 
     every = 5

@@ -4,9 +4,6 @@ the network, and everything is logged on the parent run."""
 
 from __future__ import annotations
 
-import base64
-import re
-
 import numpy as np
 import optuna
 import pytest
@@ -14,6 +11,7 @@ import pytest
 from archlab.platform import leaderboard as lb
 from archlab.platform import report, study, tracking
 from archlab.platform.config import load_config
+from tests.conftest import assert_self_contained_report
 
 ARCHS = ("lstm", "transformer")
 
@@ -71,12 +69,7 @@ def test_report_html_is_self_contained_and_logged(sweep):
     uri, c, parent, tmp_path = sweep
     page = report.make_report(uri, "rep", tmp_path / "out")
     text = page.read_text()
-    images = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', text)
-    assert len(images) >= 6  # curves, pareto, leaderboard, two slice plots, importances
-    for b64 in images:
-        png = base64.b64decode(b64)
-        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
-    assert "http://" not in text and "https://" not in text and "<script" not in text
+    assert_self_contained_report(text, 6)  # curves, pareto, leaderboard, two slice plots, importances
     assert "better" in text and "importances:" not in text  # the journal was read
     assert "No parameter importances" not in text  # and gave importances for both archs
     names = {p.name for p in (tmp_path / "out").iterdir()}

@@ -48,7 +48,7 @@ def test_one_child_run_per_trial_with_flattened_params_and_epoch_metrics(sweep_r
     assert {r.data.tags["archlab.arch"] for r in children} == set(ARCHS)
     for run in children:
         p = run.data.params
-        # --smoke-test: local mode (2-worker DDP trials: test_job_submit, test_multinode)
+        # --smoke-test: local mode (2-worker DDP trials: test_reliability, test_multinode)
         assert p["train.num_workers"] == "0" and p["data.dataset_id"] == "2e576f95bab2c034"
         assert p["world_size"] == "1" and p["precision"] in ("fp32", "bf16")
         assert "lr" not in p  # changes during a run: a metric, not a param
@@ -190,25 +190,18 @@ def test_the_smoke_demos_report_is_self_contained_logged_and_its_journal_loads(s
     its images decode as PNGs of non-trivial size, nothing is fetched from the network, its
     files are artifacts of the sweep's parent run, and `optuna.load_study` reads the
     sweep's journal with one trial per search trial."""
-    import base64
-    import re
-
     import optuna
     from mlflow.tracking import MlflowClient
 
     from archlab.platform import study
+    from tests.conftest import assert_self_contained_report
 
     cwd, out = smoke_demo
     _, result, uri = sweep_result
     page = cwd / "archlab_runs" / "demo-1" / "report" / "report.html"
     assert f"report: {page}" in out.stdout.replace("\n", ""), out.stdout[-2000:]
     text = page.read_text()
-    images = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', text)
-    assert len(images) >= 5, len(images)  # curves, pareto, leaderboard, slices, importances
-    for b64 in images:
-        png = base64.b64decode(b64)
-        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
-    assert "http://" not in text and "https://" not in text and "<script" not in text
+    assert_self_contained_report(text, 5)  # curves, pareto, leaderboard, slices, importances
     for arch in ARCHS:
         assert arch in text
     names = {p.name for p in page.parent.iterdir()}
