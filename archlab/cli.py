@@ -148,6 +148,9 @@ def sweep(
     set_: Optional[list[str]] = SetOpt,
     smoke_test: bool = SmokeOpt,
     resume: bool = typer.Option(False, "--resume", help="Resume the latest sweep of this name (Tuner.restore)."),
+    add_samples: int = typer.Option(0, "--add-samples", metavar="K",
+                                    help="With --resume: extend the sweep by K search trials (TPE continues "
+                                         "from its study), then confirm and register over all of them."),
     verbose: bool = VerboseOpt,
 ) -> None:
     """Ray Tune sweep: Optuna TPE over architectures and their spaces, ASHA early stopping."""
@@ -160,7 +163,7 @@ def sweep(
         from archlab.platform.sweep import run_sweep
 
         loaded["cfg"] = _load(config, set_, smoke_test)
-        return run_sweep(loaded["cfg"], resume=resume, verbose=verbose)
+        return run_sweep(loaded["cfg"], resume=resume, verbose=verbose, add_samples=add_samples)
 
     result = _run_job(job)
     render(result["leaderboard"])
@@ -195,7 +198,7 @@ def demo(
     verbose: bool = VerboseOpt,
 ) -> None:
     """The main job: a sweep on the shipped WikiText-2 sample, leaderboard, champion."""
-    sweep(config=CONFIGS / "demo.yaml", set_=set_, smoke_test=smoke_test, resume=False, verbose=verbose)
+    sweep(config=CONFIGS / "demo.yaml", set_=set_, smoke_test=smoke_test, resume=False, add_samples=0, verbose=verbose)
 
 
 @app.command()

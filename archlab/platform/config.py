@@ -247,6 +247,11 @@ class SweepConfig(_Strict):
     # asha: weak trials stop at ASHA's rungs; none: every trial runs its whole budget
     early_stopping: Literal["asha", "none"] = "asha"
     confirm: ConfirmConfig = Field(default_factory=ConfirmConfig)
+    # checkpoint housekeeping (docs/operations.md): every trial keeps at most its best and
+    # its latest checkpoint; once the search's final models are logged to MLflow, trials
+    # ASHA stopped early lose theirs unless they are among the `keep_checkpoints` best of
+    # their architecture. None: keep every trial's checkpoints.
+    keep_checkpoints: int | None = Field(3, ge=1)
 
     @field_validator("archs")
     @classmethod

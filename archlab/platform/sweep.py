@@ -44,7 +44,10 @@ log = logging.getLogger("archlab")
 CHAMPION_ALIAS = tracking.CHAMPION
 JOB_FILE = "archlab_job.json"  # <storage>/<sweep_id>/: the job's UUID and its parent run
 RESULT_FILE = "archlab_result.json"  # <storage>/<sweep_id>/: what run_sweep returns, as JSON
+EXTEND_DIR = "extend"  # <storage>/<sweep_id>/extend-<n>: the n-th --add-samples' Tune run
 TRIAL_FILE = "archlab_trial.json"  # in each Tune trial folder: trial id, run id, Train run, error
+PRUNED_KEY = "pruned"  # in a trial's record once its checkpoints are deleted: its spec, metrics, model URI
+TAG_CHECKPOINTS = "archlab.checkpoints"  # on a run: "pruned" once housekeeping deleted its checkpoints
 
 
 @dataclass
@@ -431,22 +434,28 @@ def _trial_failed(c, record: dict, record_file: Path, metric: str, error: str) -
     tune.report({metric: float("nan"), "archlab_error": error})
 
 
-def allocation_points(cfg: ArchlabConfig) -> list[dict[str, str]]:
+def allocation_points(cfg: ArchlabConfig, start: int = 0, n: int | None = None) -> list[dict[str, str]]:
     """The architecture of each search trial fixed in advance (OptunaSearch enqueues them;
     TPE samples the rest of each trial's parameters). sweep.allocation=equal: every trial,
     round-robin, so each architecture gets num_samples // len(archs) trials (the first
     num_samples % len(archs) one more). tpe: one trial per architecture first, then TPE
-    picks the architecture too."""
-    archs, n = list(cfg.sweep.archs), cfg.sweep.num_samples
+    picks the architecture too. `start`, `n`: trials start .. start + n - 1 of the sweep
+    (default 0 .. num_samples - 1); `--add-samples` continues the round-robin where the
+    sweep left it."""
+    archs = list(cfg.sweep.archs)
+    n = cfg.sweep.num_samples if n is None else n
     if cfg.sweep.allocation == "equal":
-        return [{"arch": archs[i % len(archs)]} for i in range(n)]
-    return [{"arch": a} for a in archs] if n >= len(archs) else []
+        return [{"arch": archs[i % len(archs)]} for i in range(start, start + n)]
+    return [{"arch": a} for a in archs] if start == 0 and n >= len(archs) else []
 
 
-def make_searcher(cfg: ArchlabConfig, storage=None, study_name: str | None = None):
+def make_searcher(cfg: ArchlabConfig, storage=None, study_name: str | None = None, start: int = 0,
+                  n: int | None = None):
     """The search stage's OptunaSearch: TPE (sweep.sampler=random: uniform draws) over each
-    architecture's own space, with the architectures fixed by `allocation_points`;
-    `storage` (an Optuna journal) persists the study for the report and optuna-dashboard."""
+    architecture's own space, with the architectures fixed by `allocation_points` (of
+    trials start .. start + n - 1); `storage` (an Optuna journal) persists the study for
+    the report and optuna-dashboard, and an extension of the sweep (`--add-samples`) loads
+    the same study, so TPE continues from every trial the sweep has run."""
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
@@ -461,7 +470,7 @@ def make_searcher(cfg: ArchlabConfig, storage=None, study_name: str | None = Non
                                 overrides=cfg.sweep.space_overrides, task=cfg.train.task),
         metric=metric, mode=mode,
         sampler=sampler,
-        points_to_evaluate=allocation_points(cfg) or None,
+        points_to_evaluate=allocation_points(cfg, start, n) or None,
         storage=storage, study_name=study_name,
     )
 
@@ -569,12 +578,19 @@ def ends_runs_on_exit(c, exp_id: str, parent_id: str):
         raise
 
 
-def run_sweep(cfg: ArchlabConfig, resume: bool = False, progress=None, verbose: bool = False) -> dict[str, Any]:
+def run_sweep(cfg: ArchlabConfig, resume: bool = False, progress=None, verbose: bool = False,
+              add_samples: int = 0) -> dict[str, Any]:
     """Layer 3: Tuner(train_driver_fn) with OptunaSearch + ConcurrencyLimiter + ASHA.
 
     The console shows archlab's progress lines (platform/progress.py), each passed to
     `progress` (a callable; default print); `verbose` adds Tune's per-trial tables and
-    every Ray worker's output."""
+    every Ray worker's output. `add_samples` K (with `resume`): extend the sweep by K
+    search trials (an extension: its own Tune run, recorded in the job record, that a
+    later --resume restores too), then confirm, register and report over all of them."""
+    if add_samples < 0:
+        raise ConfigError(f"--add-samples: expected a number of trials >= 1, found {add_samples}")
+    if add_samples and not resume:
+        raise ConfigError("--add-samples extends an earlier sweep: give --resume with it")
     check_archs(cfg, cfg.sweep.archs, cfg.smoke_test)
     job = prepare_job(cfg, verbose=verbose)
     sweep_id = _sweep_id(job.storage, cfg.sweep.name, resume)
@@ -585,13 +601,16 @@ def run_sweep(cfg: ArchlabConfig, resume: bool = False, progress=None, verbose: 
         "confirm_seeds": confirm_seeds(cfg) if cfg.sweep.confirm.top_k else [],
     }, job_id=rec["job_id"], run_id=rec["parent_run_id"])
     rec["parent_run_id"] = parent_id
+    if add_samples:
+        ext = rec.setdefault("extensions", [])
+        ext.append({"name": f"{EXTEND_DIR}-{len(ext) + 1}", "samples": int(add_samples)})
     _write_job_record(job.storage, rec)
     with ends_runs_on_exit(c, job.experiment_id, parent_id):
-        return _run_tuner(cfg, job, sweep_id, parent_id, resume, verbose, progress)
+        return _run_tuner(cfg, job, sweep_id, parent_id, resume, verbose, progress, rec.get("extensions", []))
 
 
 def _run_tuner(cfg: ArchlabConfig, job: Job, sweep_id: str, parent_id: str, resume: bool,
-               verbose: bool = False, progress=None) -> dict[str, Any]:
+               verbose: bool = False, progress=None, extensions: list[dict[str, Any]] = ()) -> dict[str, Any]:
     from ray import tune
     from ray.tune.search import ConcurrencyLimiter
 
@@ -608,32 +627,42 @@ def _run_tuner(cfg: ArchlabConfig, job: Job, sweep_id: str, parent_id: str, resu
         # (train.num_workers 0) it trains, with one worker's CPUs
         {"cpu": cfg.train.cpus_per_worker if cfg.train.num_workers == 0 else 0.01},
     )
-    path = str(Path(job.storage) / sweep_id)
-    if resume and tune.Tuner.can_restore(path):
-        tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
-    else:
-        n_conc = max_concurrent_trials(cfg)
-        searcher = make_searcher(cfg, sweep_journal(job.storage, sweep_id), sweep_id)
-        tuner = tune.Tuner(
+    def search_tuner(storage: str, name: str, start: int, n: int):
+        path = f"{storage.rstrip('/')}/{name}"
+        if resume and tune.Tuner.can_restore(path):
+            return tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
+        n_conc = max(1, min(max_concurrent_trials(cfg), n))
+        searcher = make_searcher(cfg, sweep_journal(job.storage, sweep_id), sweep_id, start=start, n=n)
+        return tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(
                 metric=metric, mode=mode,
                 search_alg=ConcurrencyLimiter(searcher, max_concurrent=n_conc),
                 scheduler=asha_scheduler(cfg),
-                num_samples=cfg.sweep.num_samples, reuse_actors=reuse_actors(cfg),
+                num_samples=n, reuse_actors=reuse_actors(cfg),
                 # the ConcurrencyLimiter above enforces n_conc; Tune ignores (and warns about)
                 # max_concurrent_trials when the searcher is already limited
             ),
-            run_config=tune.RunConfig(name=sweep_id, storage_path=job.storage,
+            run_config=tune.RunConfig(name=name, storage_path=storage,
                                       failure_config=tune.FailureConfig(max_failures=1),
                                       verbose=1 if verbose else 0, callbacks=[_progress(cfg, progress)]),
         )
+
     _say_where_logs_go(job.storage, sweep_id, verbose)
-    grid = tuner.fit()
-    trials = [_trial_outcome(result, job, parent_id) for result in grid]
+    results = list(search_tuner(job.storage, sweep_id, 0, cfg.sweep.num_samples).fit())
+    start = cfg.sweep.num_samples
+    for ext in extensions:  # --add-samples: each extension its own Tune run in the sweep's folder
+        print(f"{ext['name']}: {ext['samples']} more search trials (trials {start + 1}-{start + ext['samples']})",
+              flush=True)
+        results += list(search_tuner(f"{job.storage.rstrip('/')}/{sweep_id}", ext["name"], start,
+                                     ext["samples"]).fit())
+        start += ext["samples"]
+    trials = [_trial_outcome(result, job, parent_id) for result in results]
     ok = [t for t in trials if t.get("spec") and not t.get("error")]
     log_final_models(job, ok)  # before the confirm stage: a kill there keeps the search's models
-    confirm = _run_confirm(cfg, job, sweep_id, parent_id, resume, trainable, ok, verbose, progress)
+    prune_checkpoints(job, ok)  # only now: each pruned trial's model is in MLflow
+    confirm = _run_confirm(cfg, job, sweep_id, parent_id, resume, trainable, ok, verbose, progress,
+                           [e["name"] for e in extensions])
     confirm_ok = [t for t in confirm if t.get("spec") and not t.get("error")]
     decisions, board = finalize(job, [*ok, *confirm_ok], parent_id)
     n_errors = sum(1 for t in trials if t.get("error"))
@@ -654,12 +683,18 @@ def _run_tuner(cfg: ArchlabConfig, job: Job, sweep_id: str, parent_id: str, resu
 
 
 def _run_confirm(cfg: ArchlabConfig, job: Job, sweep_id: str, parent_id: str, resume: bool, trainable,
-                 search: list[dict[str, Any]], verbose: bool = False, progress=None) -> list[dict[str, Any]]:
+                 search: list[dict[str, Any]], verbose: bool = False, progress=None,
+                 extensions: list[str] = ()) -> list[dict[str, Any]]:
     """The confirm stage: select_confirm's runs (each a search config on one confirm seed)
     as a second Tune run of train_driver_fn, every trial to train.epochs (no searcher, no
     early stopping), in `<storage>/<sweep_id>/confirm`. `--resume` restores that run
     (errored trials retried, finished ones kept) like the search's; a job killed before
-    the stage saved its state rebuilds the same points, whose trial ids find their runs."""
+    the stage saved its state rebuilds the same points, whose trial ids find their runs.
+
+    After `--add-samples` (`extensions`: their names, oldest first) the earlier stages are
+    restored and the points they did not run (new configs among the top_k) run in
+    `confirm-<extension>`; confirm runs of configs no longer in the top_k stay (more
+    evidence, never deleted)."""
     from ray import tune
 
     points = select_confirm(search, list(cfg.sweep.archs), cfg.sweep.confirm.top_k, confirm_seeds(cfg),
@@ -668,23 +703,35 @@ def _run_confirm(cfg: ArchlabConfig, job: Job, sweep_id: str, parent_id: str, re
         return []
     metric, mode = cfg.metric()
     storage = f"{job.storage.rstrip('/')}/{sweep_id}"
-    path = f"{storage}/{CONFIRM_DIR}"
-    if resume and tune.Tuner.can_restore(path):
-        tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
-    else:
-        n_conc = max(1, min(max_concurrent_trials(cfg), len(points)))
+    names = [CONFIRM_DIR, *(f"{CONFIRM_DIR}-{e}" for e in extensions)]
+    out: list[dict[str, Any]] = []
+    for i, name in enumerate(names):
+        path = f"{storage}/{name}"
+        if resume and tune.Tuner.can_restore(path):
+            out += [_trial_outcome(result, job, parent_id)
+                    for result in tune.Tuner.restore(path, trainable=trainable, resume_errored=True).fit()]
+            continue
+        if i < len(names) - 1:
+            continue  # an earlier stage that never started: the last one runs what it missed
+        done = {str(t["trial_id"]) for t in out}
+        todo = [p for p in points if p["trial_id"] not in done]
+        if not todo:
+            break
         tuner = tune.Tuner(
             trainable,
-            param_space={CONFIRM_KEY: tune.grid_search(points)},
-            tune_config=tune.TuneConfig(metric=metric, mode=mode, max_concurrent_trials=n_conc,
+            param_space={CONFIRM_KEY: tune.grid_search(todo)},
+            tune_config=tune.TuneConfig(metric=metric, mode=mode,
+                                        max_concurrent_trials=max(1, min(max_concurrent_trials(cfg), len(todo))),
                                         reuse_actors=reuse_actors(cfg)),
-            run_config=tune.RunConfig(name=CONFIRM_DIR, storage_path=storage,
+            run_config=tune.RunConfig(name=name, storage_path=storage,
                                       failure_config=tune.FailureConfig(max_failures=1),
                                       verbose=1 if verbose else 0, callbacks=[_progress(cfg, progress)]),
         )
-    print(f"confirm stage: {len(points)} runs ({cfg.sweep.confirm.top_k} config(s) per architecture x "
-          f"seeds {', '.join(map(str, confirm_seeds(cfg)))})", flush=True)
-    return [_trial_outcome(result, job, parent_id) for result in tuner.fit()]
+        print(f"confirm stage: {len(todo)} runs ({cfg.sweep.confirm.top_k} config(s) per architecture x "
+              f"seeds {', '.join(map(str, confirm_seeds(cfg)))}"
+              f"{f'; {len(points) - len(todo)} ran before' if len(todo) < len(points) else ''})", flush=True)
+        out += [_trial_outcome(result, job, parent_id) for result in tuner.fit()]
+    return out
 
 
 # ASHA's time attribute per train.budget.kind: a metric every evaluation reports
@@ -777,7 +824,15 @@ def _trial_outcome(result, job: Job, parent_id: str) -> dict[str, Any]:
         except Exception:  # a config the platform refuses: an errored trial, never confirmed
             h = None
         out.update(stage=leaderboard_tags.STAGE_SEARCH, config=config, config_hash=h)
+    out["record_file"] = str(rec_file)
     found = rec.get("train_dir") and attach_final_checkpoint(c, out, rec["train_dir"])
+    if not found and error is None and rec.get(PRUNED_KEY):
+        # housekeeping deleted its checkpoints after its final model was logged to MLflow
+        # (prune_checkpoints): the record keeps what the job reads of it
+        kept = rec[PRUNED_KEY]
+        out.update(metrics={**metrics, **kept["metrics"]}, spec=kept["spec"], model_uri=kept["model_uri"],
+                   checkpoint=None, pruned=True)
+        found = True
     if not found and error is None:
         where = rec.get("train_dir") or result.path
         error = out["error"] = f"no loadable checkpoint under {where} (the trial ended before its first epoch)"
@@ -909,6 +964,63 @@ def log_final_models(job: Job, trials: list[dict[str, Any]]) -> None:
         t["metrics"].update(final)
 
 
+def prune_plan(cfg: ArchlabConfig, trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The search trials whose checkpoints housekeeping deletes (sweep.keep_checkpoints = k):
+    those ASHA stopped before their budget's end (trainer.run_complete), whose final model
+    is logged to MLflow, and that are not among the k best of their architecture by the
+    sweep's metric. Trials that ran their whole budget, errored trials and confirm runs
+    keep theirs. k None: none."""
+    from archlab.platform.trainer import run_complete
+
+    k = cfg.sweep.keep_checkpoints
+    if k is None:
+        return []
+    metric, mode = cfg.metric()
+    sign = -1.0 if mode == "max" else 1.0
+    by_arch: dict[str, list[dict[str, Any]]] = {}
+    for t in trials:
+        if t.get("stage", leaderboard_tags.STAGE_SEARCH) == leaderboard_tags.STAGE_SEARCH and not t.get("error") \
+                and t.get("spec") and _finite_score(t, metric) is not None:
+            by_arch.setdefault(t["spec"]["arch"], []).append(t)
+    out = []
+    for ts in by_arch.values():
+        ts.sort(key=lambda t: (sign * _finite_score(t, metric), str(t["trial_id"])))
+        out += [t for t in ts[k:] if t.get("model_uri") and t.get("checkpoint")
+                and not run_complete(cfg, t["metrics"])]
+    return out
+
+
+def prune_checkpoints(job: Job, trials: list[dict[str, Any]]) -> list[str]:
+    """Delete the checkpoints of prune_plan's trials, each only after its record (the Tune
+    trial folder's TRIAL_FILE) holds what a resumed job reads instead: spec, final metrics
+    and the logged model's URI (_trial_outcome). Tags each run archlab.checkpoints=pruned.
+    Returns the trial ids pruned."""
+    import shutil
+
+    c = tracking.client(job.uri)
+    done = []
+    for t in prune_plan(job.cfg, trials):
+        rec_file = Path(t.get("record_file") or "")
+        if not rec_file.is_file():
+            continue  # nothing to resume from without the record: keep the checkpoints
+        rec = json.loads(rec_file.read_text())
+        metrics = {k: v for k, v in t["metrics"].items() if k != "checkpoint_path"
+                   and isinstance(v, (str, int, float)) and not (isinstance(v, float) and not math.isfinite(v))}
+        rec[PRUNED_KEY] = {"spec": t["spec"], "metrics": metrics, "model_uri": t["model_uri"]}
+        _write_json(rec_file, rec)
+        train_dir = Path(rec.get("train_dir") or Path(t["checkpoint"]).parent)
+        for d in [*train_dir.glob("checkpoint_*"), *train_dir.glob(".tmp-checkpoint_*")]:
+            shutil.rmtree(d, ignore_errors=True)
+        c.set_tag(t["run_id"], TAG_CHECKPOINTS, "pruned")
+        t.update(checkpoint=None, pruned=True)
+        t["metrics"].pop("checkpoint_path", None)
+        done.append(str(t["trial_id"]))
+    if done:
+        log.info("housekeeping: deleted the checkpoints of %d stopped trial(s) outside the %d best of their "
+                 "architecture (their models are in MLflow)", len(done), job.cfg.sweep.keep_checkpoints)
+    return done
+
+
 def finalize(job: Job, trials: list[dict[str, Any]], parent_id: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Log every trial's final model and window comparison (log_final_models: those not
     logged yet), then build the leaderboard from MLflow (verdicts against the best
@@ -1009,6 +1121,10 @@ def register_models(job: Job, trials: list[dict[str, Any]], board: dict[str, Any
         if verdict == "worse":
             blocked = (f"never champion: verdict worse than the best baseline {base} "
                        f"(by {row.get('vs_base_by') or '?'}, Holm-adjusted p {p_txt or '-'})")
+        if t.get("model") is None:  # its checkpoints pruned: the logged model (prune_checkpoints)
+            from archlab.platform.modelstore import load_model
+
+            t["model"] = load_model(t["model_uri"], job.uri)
         d = tracking.register_and_maybe_promote(job.uri, t["model_uri"], name, tags=tags,
                                                 candidate=t["model"], windows=job.valid_windows,
                                                 task=cfg.train.task, score=cand["score"], blocked=blocked)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -157,7 +158,7 @@ def newer_mid_epoch_checkpoint(storage, after_step: int, epoch: int, evals_done:
     return None
 
 
-LOCAL_KEEP = 2  # local mode keeps the newest checkpoints, as CheckpointConfig(num_to_keep=2) does
+LOCAL_KEEP = 2  # local mode without a score: the newest two, as CheckpointConfig(num_to_keep=2)
 
 
 def _write_checkpoint(trainer: Trainer, spec: dict, metrics: dict[str, Any], d: Path) -> None:
@@ -166,11 +167,26 @@ def _write_checkpoint(trainer: Trainer, spec: dict, metrics: dict[str, Any], d: 
     (d / "metrics.json").write_text(json.dumps(metrics))
 
 
-def persist_local(trainer: Trainer, spec: dict, metrics: dict[str, Any], train_dir: Path) -> Path:
+def checkpoint_score(metrics: dict[str, Any], score: tuple[str, str]) -> float:
+    """A checkpoint's rank for keeping (higher is better): its evaluation's `score`
+    = (metric, mode) value, sign-flipped for mode min; -inf for a mid-epoch checkpoint or a
+    missing or non-finite value (what Ray Train's CheckpointManager does with NaN)."""
+    metric, mode = score
+    v = metrics.get(metric)
+    if metrics.get(MID_EPOCH) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        return float("-inf")
+    return float(v) if mode == "max" else -float(v)
+
+
+def persist_local(trainer: Trainer, spec: dict, metrics: dict[str, Any], train_dir: Path,
+                  score: tuple[str, str] | None = None) -> Path:
     """Local mode (train.num_workers 0) has no Train controller to persist checkpoints: write
     one under `train_dir` as `checkpoint_<eval>_<step>` (written aside, then renamed, so a
-    kill never leaves half of one under that name) and delete all but the LOCAL_KEEP
-    newest. The sweep reads them as it reads Ray Train's (sweep.latest_checkpoint)."""
+    kill never leaves half of one under that name), then keep what Ray Train's
+    CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=metric) keeps: this newest
+    one and the best evaluated one by `score` (metric, mode), at most 2; without `score`,
+    the LOCAL_KEEP newest. The sweep reads them as it reads Ray Train's
+    (sweep.latest_checkpoint)."""
     import shutil
 
     train_dir.mkdir(parents=True, exist_ok=True)
@@ -182,8 +198,23 @@ def persist_local(trainer: Trainer, spec: dict, metrics: dict[str, Any], train_d
     final = train_dir / name
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
-    for old in sorted(p for p in train_dir.glob("checkpoint_*") if p.is_dir())[:-LOCAL_KEEP]:
-        shutil.rmtree(old, ignore_errors=True)
+    others = sorted(p for p in train_dir.glob("checkpoint_*") if p.is_dir() and p != final)
+    if score is None:
+        keep = set(others[-(LOCAL_KEEP - 1):])
+    else:
+        def rank(d: Path) -> float:
+            try:
+                return checkpoint_score(json.loads((d / "metrics.json").read_text()), score)
+            except (OSError, ValueError):
+                return float("-inf")
+
+        ranked = [(rank(d), d) for d in others]
+        best = max(ranked, key=lambda r: r[0], default=None)  # ties: the first, the older one
+        # the new one is the best when it scores at least as well: nothing else to keep
+        keep = {best[1]} if best is not None and best[0] > checkpoint_score(metrics, score) else set()
+    for old in others:
+        if old not in keep:
+            shutil.rmtree(old, ignore_errors=True)
     return final
 
 
@@ -207,7 +238,7 @@ def _report(trainer: Trainer, spec: dict, metrics: dict[str, Any], rank: int, lo
 
     trainer.check_finite()  # on every rank, so a NaN ends all of them at the same point
     if local is not None:
-        persist_local(trainer, spec, metrics, Path(local["dir"]))
+        persist_local(trainer, spec, metrics, Path(local["dir"]), score=local.get("score"))
         local["last_metrics"] = metrics  # what fit_trainer returns
         if local.get("tune") and not metrics.get(MID_EPOCH):
             from ray import tune
@@ -302,7 +333,10 @@ def train_fn_per_worker(config: dict[str, Any], datasets: dict[str, Any] | None 
     def after_step(tr: Trainer) -> None:
         # a step that was just evaluated has its checkpoint already
         if every and tr.step % every == 0 and tr.eval_step != tr.step:
-            _report(tr, spec, {MID_EPOCH: 1, "epoch": tr.epoch, "step": tr.step, "eval": tr.evals_done}, rank, local)
+            # the metric NaN: a mid-epoch checkpoint ranks below every evaluated one for
+            # CheckpointConfig's best-of (Ray sorts NaN last) instead of an error for a missing key
+            _report(tr, spec, {MID_EPOCH: 1, "epoch": tr.epoch, "step": tr.step, "eval": tr.evals_done,
+                               cfg.metric()[0]: float("nan")}, rank, local)
         if tr.step == fail_at and not restored:
             raise RuntimeError(f"injected failure after step {fail_at} (train.fail_once_at_step)")
 
@@ -389,7 +423,8 @@ def fit_trainer(
         # trial, and its local mode persists no checkpoint): it writes its checkpoints
         # and reports to Tune itself (_report); Tune's FailureConfig retries a fault
         loop_config["local"] = {"dir": str(Path(storage) / name),
-                                "tune": any(isinstance(cb, TuneReportCallback) for cb in callbacks or [])}
+                                "tune": any(isinstance(cb, TuneReportCallback) for cb in callbacks or []),
+                                "score": list(cfg.metric())}
         try:
             train_fn_per_worker(loop_config, datasets)
         except TERMINAL_ERRORS as e:  # the loop's own exception; Tune retries anything else
@@ -415,7 +450,10 @@ def fit_trainer(
             name=name,
             storage_path=storage,
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            # the latest checkpoint (Ray always keeps it: restarts resume from it) and the
+            # best evaluated one, at most 2 per run (docs/operations.md, housekeeping)
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=cfg.metric()[0],
+                                                         checkpoint_score_order=cfg.metric()[1]),
             callbacks=callbacks,
             worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": str(max(1, int(cfg.train.cpus_per_worker)))}},
         ),
