@@ -1,6 +1,8 @@
 """Platform overhead: the Trainer over in-memory tensors (the plain loop) against
 `archlab train` with 1 worker x 2 CPUs and 2 workers x 1 CPU, side by side in one run:
-the same model, data, batch, threads and precision (issue 14).
+the same model, data, batch, threads and precision (issue 14). `local` (archlab train with
+train.num_workers 0: the driver process trains, fed by Ray Data, no Ray Train) splits the
+overhead into Ray Data's and Ray Train's parts.
 
     # the shared vectors as an archlab dataset, once (train and valid splits):
     archlab data prepare ../shared/data/wikitext2-minilm384/train.parquet --from parquet --kind vector \
@@ -107,7 +109,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2, help="plain loop threads (= 1x2's CPUs)")
     ap.add_argument("--precision", default="fp32")
-    ap.add_argument("--modes", default="plain,1x2,2x1", help="any of plain, 1x2, 2x1")
+    ap.add_argument("--modes", default="plain,local,1x2,2x1",
+                    help="any of plain, local (archlab train in local mode: Ray Data, no Ray Train), 1x2, 2x1")
     ap.add_argument("--out", type=Path, default=None, help="write results.json here")
     ap.add_argument("--quick", action="store_true", help="the shipped sample, debug AMN, 20 steps")
     args = ap.parse_args()
@@ -116,10 +119,10 @@ def main() -> None:
     if args.data is None:
         ap.error("--data is required (unless --quick)")
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    bad = set(modes) - {"plain", "1x2", "2x1"}
+    bad = set(modes) - {"plain", "local", "1x2", "2x1"}
     if bad:
-        ap.error(f"--modes: unknown {sorted(bad)}; expected plain, 1x2, 2x1")
-    if {"1x2", "2x1"} & set(modes):
+        ap.error(f"--modes: unknown {sorted(bad)}; expected plain, local, 1x2, 2x1")
+    if {"local", "1x2", "2x1"} & set(modes):
         from archlab.platform.config import load_config
         from archlab.platform.runtime import init_ray
 
@@ -134,12 +137,15 @@ def main() -> None:
                 if mode == "plain":
                     row[mode] = plain(args, arch, args.data, Path(tmp))
                 else:
-                    w, c = (1, float(args.threads)) if mode == "1x2" else (2, float(args.threads) / 2)
+                    w, c = {"local": (0, float(args.threads)), "1x2": (1, float(args.threads)),
+                            "2x1": (2, float(args.threads) / 2)}[mode]
                     row[mode] = platform(args, arch, args.data, Path(tmp), w, c)
             print(f"  {arch} {mode}: {row[mode]['samples_per_s']:,.0f} samples/s "
                   f"(data wait {row[mode]['data_wait_frac']:.1%})", flush=True)
         results[arch] = row
     cols = ["model"] + [f"{m} samples/s" for m in modes]
+    if {"plain", "local"} <= set(modes):
+        cols.append("plain / local")
     if {"plain", "1x2"} <= set(modes):
         cols.append("plain / 1x2")
     if {"1x2", "2x1"} <= set(modes):
@@ -147,6 +153,8 @@ def main() -> None:
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for arch, row in results.items():
         cells = [arch] + [f"{row[m]['samples_per_s']:,.0f} ({row[m]['data_wait_frac']:.0%} wait)" for m in modes]
+        if "plain / local" in cols:
+            cells.append(f"{row['plain']['samples_per_s'] / row['local']['samples_per_s']:.2f}x")
         if "plain / 1x2" in cols:
             cells.append(f"{row['plain']['samples_per_s'] / row['1x2']['samples_per_s']:.2f}x")
         if "2x1 / 1x2 (scaling)" in cols:

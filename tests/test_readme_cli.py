@@ -42,7 +42,7 @@ def test_cli_commands_and_flags_are_frozen():
     commands = {name: sorted(p.opts[0] for p in cmd.params if p.opts and p.opts[0].startswith("-"))
                 for name, cmd in click_app.commands.items()}
     assert commands["train"] == ["--config", "--set", "--smoke-test", "--verbose"]
-    assert commands["sweep"] == ["--config", "--resume", "--set", "--smoke-test", "--verbose"]
+    assert commands["sweep"] == ["--add-samples", "--config", "--resume", "--set", "--smoke-test", "--verbose"]
     assert commands["demo"] == ["--set", "--smoke-test", "--verbose"]
     assert commands["leaderboard"] == ["--experiment", "--format", "--sweep", "--tracking-uri", "--wide"]
     assert commands["models"] == ["--convert", "--data", "--predict", "--prefix", "--split", "--tracking-uri"]

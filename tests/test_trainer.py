@@ -344,3 +344,22 @@ def test_a_checkpoint_written_before_the_trainer_still_resumes_at_its_epoch_end(
     assert t.schedule.factor_at(100) == pytest.approx(0.5) and t.schedule.best == 1.0
     for p, q in zip(t.module.parameters(), model.parameters()):
         assert torch.equal(p, q)
+
+
+@pytest.mark.slow  # torch.compile's first compilation takes ~30 s on 2 cores
+def test_compile_trains_the_same_parameters_as_eager_and_keeps_state_dict_keys():
+    """train.compile: the training forward goes through torch.compile's wrapper of the same
+    module, so the optimizer's Parameters are the module's, the state dict keeps its keys
+    (no `_orig_mod.` prefix: checkpoints and registered models load either way), and a few
+    steps land where eager steps do (to float tolerance)."""
+    eager = make_trainer(cfg_for("train.grad_clip=0", arch="amn"))
+    compiled = make_trainer(cfg_for("train.grad_clip=0", "train.compile=true", arch="amn"))
+    assert compiled.train_model is not compiled.model
+    assert set(compiled.state_dict()["model"]) == set(eager.state_dict()["model"])
+    assert {id(p) for p in compiled.train_model.parameters()} == {id(p) for p in compiled.model.parameters()}
+    for b in vector_batches(n=4):
+        eager.train_step(b)
+        compiled.train_step(b)
+    for (name, a), b in zip(eager.model.state_dict().items(), compiled.model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+    assert compiled.step == eager.step == 4

@@ -131,6 +131,9 @@ class TrainConfig(_Strict):
     cpus_per_worker: float = Field(1.0, gt=0)
     use_gpu: bool | None = None  # None: use GPUs when the cluster has them
     precision: Literal["auto", "fp32", "bf16"] = "auto"
+    # torch.compile the model for the training forward/backward (opt-in; evaluation stays
+    # eager, so eval-mode shapes never recompile). BENCHMARKS.md "Precision and compile"
+    compile: bool = False
     max_steps_per_epoch: int = Field(0, ge=0)  # 0 = the whole shard
     max_failures: int = Field(1, ge=0)
     seed: int = 0

@@ -238,6 +238,9 @@ class Trainer:
         t = cfg.train
         self._loss = loss  # batch_loss's replacement, if given
         self.cfg, self.model, self.module = cfg, model, unwrap(model)
+        # train.compile: the training forward runs through torch.compile's wrapper of the same
+        # module (same Parameters; state_dict, evaluation and DDP hooks use self.model)
+        self.train_model = torch.compile(model) if t.compile else model
         self.device = device if device is not None else next(self.module.parameters()).device
         self.task, self.accum, self.check_every = t.task, t.grad_accum, max(1, check_every)
         self.tokens_per_byte = tokens_per_byte
@@ -335,7 +338,7 @@ class Trainer:
         sync = nullcontext() if last or not hasattr(self.model, "no_sync") else self.model.no_sync()
         with sync:
             with self.autocast:
-                loss = self.batch_loss(self.model, batch)
+                loss = self.batch_loss(self.train_model, batch)
                 if self.step == self.cfg.train.inject_nan_at_step:  # fault injection (tests): every rank, every try
                     loss = loss * float("nan")
                 total = loss
