@@ -66,7 +66,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", type=Path, required=True)
     ap.add_argument("--set", dest="sets", action="append", default=[])
-    ap.add_argument("--result", type=Path, required=True, help="the sweep's archlab_result.json")
+    ap.add_argument("--result", type=Path, default=None, help="the sweep's archlab_result.json")
+    ap.add_argument("--trial-config", type=Path, default=None,
+                    help="instead of --result: a search trial's Tune params.json (its config), with --seeds")
+    ap.add_argument("--seeds", default="1,2,3", help="with --trial-config")
+    ap.add_argument("--base-scores", default=None,
+                    help="the base variant's scores on --seeds (e.g. its confirm runs: same config, seeds and "
+                         "local-mode path) instead of retraining it")
     ap.add_argument("--arch", default=None, help="default: the confirm stage's best architecture")
     ap.add_argument("--variants", default="base,ctx32,plain,optimizer")
     ap.add_argument("--tracking-uri", default=None)
@@ -79,19 +85,33 @@ def main() -> None:
 
     base = load_config(args.config, [*args.sets, "train.num_workers=0", "tracking.register_models=false"])
     metric = base.metric()[0]
-    result = json.loads(args.result.read_text())
-    arch, config, seeds = winner(result, args.arch, metric)
+    if args.trial_config is not None:
+        config = json.loads(args.trial_config.read_text())
+        arch, seeds = config["arch"], [int(x) for x in args.seeds.split(",")]
+    elif args.result is not None:
+        arch, config, seeds = winner(json.loads(args.result.read_text()), args.arch, metric)
+    else:
+        ap.error("--result or --trial-config is required")
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     print(f"# {arch}: {json.dumps(config, sort_keys=True)}; seeds {seeds}", flush=True)
     scores: dict[str, list[float]] = {}
+    if args.base_scores:
+        scores["base"] = [float(x) for x in args.base_scores.split(",")]
+        if len(scores["base"]) != len(seeds):
+            ap.error(f"--base-scores: expected {len(seeds)} values (one per seed), found {len(scores['base'])}")
+        variants = ["base", *[v for v in variants if v != "base"]]
     with tempfile.TemporaryDirectory() as tmp:
         uri = args.tracking_uri or f"sqlite:///{tmp}/m.db"
         for v in variants:
+            if v in scores:
+                print(f"  {v:9s} given: {scores[v]}", flush=True)
+                continue
             scores[v] = []
             for seed in seeds:
                 cfg = variant_cfg(trial_cfg(base.to_dict(), config), v)
                 cfg.train.seed = seed
                 cfg.tracking.uri, cfg.sweep.storage_path = uri, f"{tmp}/runs"
+                cfg.sweep.space_overrides = {}  # one run: no search space (run_train checks them against its arch)
                 m = run_train(cfg)["metrics"]
                 scores[v].append(float(m[metric]))
                 print(f"  {v:9s} seed {seed}: {metric} {scores[v][-1]:.4f}", flush=True)
