@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from overhead import SAMPLE, base_overrides, train_windows  # noqa: E402
+from overhead import SAMPLE, base_overrides, train_windows
 
 MODES = {"fp32": ("fp32", False), "bf16": ("bf16", False), "compile": ("fp32", True), "compile+bf16": ("bf16", True)}
 

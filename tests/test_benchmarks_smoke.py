@@ -54,3 +54,12 @@ def test_overhead_benchmark_plain_loop_smoke():
     rows = [r for r in table_rows(out) if r[0] == "amn"]
     assert len(rows) == 1 and rows[0][1].split()[0].replace(",", "").isdigit(), out
     assert float(rows[0][1].split()[0].replace(",", "")) > 0, out
+
+
+def test_precision_benchmark_smoke():
+    # fp32 and bf16 only: compile's first compilation (~30 s) is tested in test_trainer.py
+    out = run_script("benchmarks/precision_compile.py", "--quick", "--modes", "fp32,bf16")
+    rows = [r for r in table_rows(out) if r[0] == "amn"]
+    assert len(rows) == 1, out
+    assert float(rows[0][1].replace(",", "")) > 0 and float(rows[0][2].replace(",", "")) > 0, out
+    assert rows[0][3].endswith("x"), out  # bf16 / fp32
