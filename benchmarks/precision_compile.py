@@ -77,7 +77,7 @@ def main() -> None:
         args.data, args.archs, args.flavor, args.steps, args.rounds = args.data or SAMPLE, "amn", "debug", 10, 1
     if args.data is None:
         ap.error("--data is required (unless --quick)")
-    args.precision, args.steps_per_epoch = "fp32", args.steps
+    args.precision = "fp32"  # base_overrides reads it; each mode sets its own precision
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     bad = set(modes) - set(MODES)
     if bad:

@@ -418,13 +418,14 @@ def fit_trainer(
 
     loop_config = {"cfg": cfg.to_dict(), "data_info": data_info, "tracking_uri": tracking_uri, "mlflow_run_id": run_id}
     local = cfg.train.num_workers == 0
+    metric, mode = cfg.metric()  # what a run's best checkpoint is kept by (docs/training.md)
     if local:
         # the loop runs here, without Ray Train (its API refuses calls from inside a Tune
         # trial, and its local mode persists no checkpoint): it writes its checkpoints
         # and reports to Tune itself (_report); Tune's FailureConfig retries a fault
         loop_config["local"] = {"dir": str(Path(storage) / name),
                                 "tune": any(isinstance(cb, TuneReportCallback) for cb in callbacks or []),
-                                "score": list(cfg.metric())}
+                                "score": [metric, mode]}
         try:
             train_fn_per_worker(loop_config, datasets)
         except TERMINAL_ERRORS as e:  # the loop's own exception; Tune retries anything else
@@ -452,8 +453,8 @@ def fit_trainer(
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
             # the latest checkpoint (Ray always keeps it: restarts resume from it) and the
             # best evaluated one, at most 2 per run (docs/operations.md, housekeeping)
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=cfg.metric()[0],
-                                                         checkpoint_score_order=cfg.metric()[1]),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=metric,
+                                                         checkpoint_score_order=mode),
             callbacks=callbacks,
             worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": str(max(1, int(cfg.train.cpus_per_worker)))}},
         ),
