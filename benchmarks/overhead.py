@@ -112,6 +112,8 @@ def main() -> None:
     ap.add_argument("--modes", default="plain,local,1x2,2x1",
                     help="any of plain, local (archlab train in local mode: Ray Data, no Ray Train), 1x2, 2x1")
     ap.add_argument("--out", type=Path, default=None, help="write results.json here")
+    ap.add_argument("--idle-workers", type=int, default=None,
+                    help="ray.idle_workers of the local Ray (default: Ray's pool of num_cpus, prestarted)")
     ap.add_argument("--quick", action="store_true", help="the shipped sample, debug AMN, 20 steps")
     args = ap.parse_args()
     if args.quick:
@@ -126,7 +128,8 @@ def main() -> None:
         from archlab.platform.config import load_config
         from archlab.platform.runtime import init_ray
 
-        init_ray(load_config(None, []))  # one local Ray for every platform run
+        sets = [] if args.idle_workers is None else [f"ray.idle_workers={args.idle_workers}"]
+        init_ray(load_config(None, sets))  # one local Ray for every platform run
     print(f"# overhead: {args.task} {args.flavor}, batch {args.batch_size}, {args.precision}, "
           f"{args.steps} steps/epoch (2nd epoch timed), {time.strftime('%Y-%m-%d')}", flush=True)
     results = {}

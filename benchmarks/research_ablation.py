@@ -1,7 +1,8 @@
 """One lever at a time on a sweep's winner (issue 13 item 6): the config the confirm stage
 ranked first for an architecture, retrained on the confirm seeds as it is and with one
 lever changed (context 5 -> 32, residual -> plain head, the optimizer or the scheduler
-swapped), each variant on the same seeds, so every difference is paired by seed.
+swapped, or any config fields set: `model.attn_every=1+model.n_layers=4`), each variant on
+the same seeds, so every difference is paired by seed.
 
     python benchmarks/research_ablation.py --config benchmarks/configs/research_vectors.yaml \
         --set data.path=<prepared vectors> --result <storage>/research-vectors-1/archlab_result.json \
@@ -57,8 +58,13 @@ def variant_cfg(base_cfg, variant: str):
         cfg.train.optimizer = "adamw" if cfg.train.optimizer == "schedule_free" else "schedule_free"
     elif variant == "scheduler":
         cfg.train.scheduler = "plateau" if cfg.train.scheduler == "cosine" else "cosine"
+    elif "=" in variant:  # any config field(s): "model.attn_every=1" or "a=1+b=2"
+        from archlab.platform.config import ArchlabConfig, apply_overrides
+
+        cfg = ArchlabConfig.model_validate(apply_overrides(cfg.to_dict(), variant.split("+")))
     elif variant != "base":
-        raise SystemExit(f"--variants: unknown {variant!r}; expected one of {', '.join(VARIANTS)}")
+        raise SystemExit(f"--variants: unknown {variant!r}; expected one of {', '.join(VARIANTS)} "
+                         "or config overrides key=value[+key=value]")
     return cfg
 
 
@@ -118,7 +124,7 @@ def main() -> None:
     lines = [f"| variant | {metric} mean [95% CI] | d vs base [95% CI] | p |", "|---|---|---|---|"]
     for v in variants:
         iv = t_interval(scores[v])
-        row = f"| {v}: {VARIANTS[v]} | {iv.mean:.4f} [{iv.lo:.4f}, {iv.hi:.4f}] |"
+        row = f"| {v}: {VARIANTS.get(v, 'set ' + v.replace('+', ', '))} | {iv.mean:.4f} [{iv.lo:.4f}, {iv.hi:.4f}] |"
         if v != "base" and "base" in scores:
             c = paired(scores[v], scores["base"])
             row += f" {c.diff.mean:+.4f} [{c.diff.lo:+.4f}, {c.diff.hi:+.4f}] | {c.p:.3g} |"

@@ -75,3 +75,14 @@ def test_trial_config_applies_only_its_own_arch_parameters():
     assert cfg.train.lr == 0.003
     cfg = trial_cfg(base, {"arch": "lstm", "lstm.model.n_layers": 1})
     assert cfg.model.arch_overrides() == {"d_model": 99, "n_layers": 1}
+
+
+def test_ray_idle_workers_sets_the_raylet_pool_limit_and_no_prestart():
+    from archlab.platform.runtime import system_config
+
+    assert system_config(8, None) == {"worker_maximum_startup_concurrency": 8}
+    sc = system_config(8, 2)
+    assert sc["num_workers_soft_limit"] == 2 and sc["prestart_worker_first_driver"] is False
+    assert load_config(None, ["ray.idle_workers=2"]).ray.idle_workers == 2
+    with pytest.raises(ConfigError, match="idle_workers"):
+        load_config(None, ["ray.idle_workers=-1"])

@@ -283,6 +283,10 @@ class TrackingConfig(_Strict):
 class RayConfig(_Strict):
     address: str | None = None  # None: $RAY_ADDRESS, else a local Ray
     num_cpus: int | None = None  # local Ray only; None: logical CPUs (see runtime.py)
+    # local Ray only: how many idle worker processes the raylet keeps pooled, and no
+    # prestarted pool. None: Ray's default (a pool of num_cpus, prestarted for the first
+    # driver). Each pooled idle worker costs ~0.01 of a core (BENCHMARKS.md "Platform overhead").
+    idle_workers: int | None = Field(None, ge=0)
 
 
 class ArchlabConfig(_Strict):

@@ -152,7 +152,8 @@ def init_ray(cfg: ArchlabConfig, verbose: bool = False):
     if address:
         ray.init(address=address, runtime_env={"env_vars": dict(_ENV)}, log_to_driver=verbose)
     else:
-        start_local_ray(cfg.ray.num_cpus or max(8, 2 * (os.cpu_count() or 2)), log_to_driver=verbose)
+        start_local_ray(cfg.ray.num_cpus or max(8, 2 * (os.cpu_count() or 2)), log_to_driver=verbose,
+                        idle_workers=cfg.ray.idle_workers)
     # ray.init replaces the driver's SIGTERM handler with one that calls sys.exit: put
     # archlab's back (when the CLI installed it), so SIGTERM ends the runs KILLED and exits 130
     from archlab.platform.failures import reinstall_signal_handlers
@@ -193,7 +194,17 @@ _ENV = {"PYTHONDONTWRITEBYTECODE": "1", "TOKENIZERS_PARALLELISM": "false"}
 _LOCAL_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
 
-def start_local_ray(num_cpus: int, **kwargs) -> str:
+def system_config(num_cpus: int, idle_workers: int | None) -> dict:
+    """The local Ray's raylet settings. The raylet starts workers min(physical cores,
+    num_cpus) at a time and warns ("N PYTHON worker processes ...") at 4x that: the logical
+    CPUs chosen in init_ray are deliberate, so they are the startup concurrency too."""
+    sc = {"worker_maximum_startup_concurrency": int(num_cpus)}
+    if idle_workers is not None:
+        sc.update(num_workers_soft_limit=int(idle_workers), prestart_worker_first_driver=False)
+    return sc
+
+
+def start_local_ray(num_cpus: int, idle_workers: int | None = None, **kwargs) -> str:
     """Start a local Ray whose address every task and actor of this job knows.
 
     Ray's own actors (Train's PlacementGroupCleaner) look the cluster up by RAY_ADDRESS or
@@ -204,7 +215,10 @@ def start_local_ray(num_cpus: int, **kwargs) -> str:
 
     No orphans (orphans.py): Ray's processes are started with this driver's owner marker
     in their environment and a watchdog stops them when the driver dies, however it dies;
-    first, what dead archlab drivers left is stopped (by their marker, nothing else)."""
+    first, what dead archlab drivers left is stopped (by their marker, nothing else).
+
+    `idle_workers` (config `ray.idle_workers`): the raylet keeps at most that many idle
+    worker processes and prestarts none; None leaves Ray's pool (num_cpus, prestarted)."""
     import socket
 
     import ray
@@ -227,10 +241,7 @@ def start_local_ray(num_cpus: int, **kwargs) -> str:
             # left on this machine instead of starting ours
             ray.init(address="local", num_cpus=num_cpus, include_dashboard=True,
                      runtime_env={"env_vars": {**_ENV, **_LOCAL_ENV, "RAY_ADDRESS": address}},
-                     # the raylet starts workers min(physical cores, num_cpus) at a time and
-                     # warns ("N PYTHON worker processes ...") at 4x that: the logical CPUs
-                     # chosen above are deliberate, so they are the startup concurrency too
-                     _system_config={"worker_maximum_startup_concurrency": int(num_cpus)}, **kwargs)
+                     _system_config=system_config(num_cpus, idle_workers), **kwargs)
             orphans.start_watchdog(owner)
             return address
         except Exception as e:  # the port was taken between choosing and binding it
